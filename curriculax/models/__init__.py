@@ -1,0 +1,10 @@
+"""Flax NNX decoder-only transformers (Llama, Qwen2, Qwen3) and decoding."""
+
+from curriculax.models.config import ModelConfig, RopeScaling, num_params
+from curriculax.models.generate import Generation, decode, generate
+from curriculax.models.transformer import KVCache, Transformer
+
+__all__ = [
+    "Generation", "KVCache", "ModelConfig", "RopeScaling", "Transformer", "decode", "generate",
+    "num_params",
+]

@@ -1,0 +1,110 @@
+"""Jitted batched decoding with a KV cache (greedy, temperature and nucleus sampling).
+
+Prompts of different lengths are *left*-padded into one ``[B,P]`` array; padding gets
+segment id 0 so real tokens never attend to it, and positions count real tokens only, which
+makes a padded prompt decode exactly like the same prompt alone.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from curriculax.models.transformer import KVCache
+
+
+@struct.dataclass
+class Generation:
+    tokens: jax.Array  # [B,N] int32, pad_id after EOS
+    logprobs: jax.Array  # [B,N] float32 log-prob of each token under the sampling policy
+    mask: jax.Array  # [B,N] bool, True up to and including EOS
+
+
+def top_p_filter(logits_BxV, top_p: float):
+    """Keeps the smallest set of tokens whose probability mass reaches ``top_p``."""
+    sorted_desc = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1), 1)
+    threshold = jnp.take_along_axis(sorted_desc, keep[:, None] - 1, axis=-1)
+    return jnp.where(logits_BxV < threshold, -jnp.inf, logits_BxV)
+
+
+def pick_token(logits_BxV, rng, temperature: float, top_p: float):
+    """Returns ``(token, logprob)``: argmax when ``temperature == 0``, else a sample."""
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    if temperature == 0.0:
+        token = jnp.argmax(logits_BxV, axis=-1)
+        logp = jax.nn.log_softmax(logits_BxV, axis=-1)
+    else:
+        scaled = logits_BxV / temperature
+        if top_p < 1.0:
+            scaled = top_p_filter(scaled, top_p)
+        token = jax.random.categorical(rng, scaled, axis=-1)
+        logp = jax.nn.log_softmax(scaled, axis=-1)
+    token = token.astype(jnp.int32)
+    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "eos_id", "pad_id"),
+)
+def _decode(graphdef, state, prompt_BxP, mask_BxP, rng, *, max_new_tokens, temperature, top_p,
+            eos_id, pad_id) -> Generation:
+    model = nnx.merge(graphdef, state)
+    cfg = model.config
+    b, p = prompt_BxP.shape
+    seg = mask_BxP.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+    cache = KVCache.init(cfg, b, p + max_new_tokens)
+    hidden, cache = model(prompt_BxP, positions=positions, segment_ids=seg, cache=cache)
+    w = model.lm_head_weight()
+
+    def step(carry, key):
+        cache, h_Bxd, pos_B, done_B = carry
+        logits = jnp.dot(h_Bxd, w.astype(h_Bxd.dtype), preferred_element_type=jnp.float32)
+        token, logp = pick_token(logits, key, temperature, top_p)
+        token = jnp.where(done_B, pad_id, token)
+        emitted = ~done_B
+        if eos_id is not None:
+            done_B = done_B | (token == eos_id)
+        h, cache = model(token[:, None], positions=pos_B[:, None],
+                         segment_ids=jnp.ones((b, 1), jnp.int32), cache=cache)
+        return (cache, h[:, 0], pos_B + 1, done_B), (token, jnp.where(emitted, logp, 0.0), emitted)
+
+    init = (cache, hidden[:, -1], positions[:, -1] + 1, jnp.zeros((b,), bool))
+    keys = jax.random.split(rng, max_new_tokens)
+    _, (tokens, logps, emitted) = jax.lax.scan(step, init, keys)
+    return Generation(tokens.T, logps.T, emitted.T)
+
+
+def decode(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.0,
+           top_p: float = 1.0, rng=None, eos_id: int | None = None, pad_id: int = 0,
+           prompt_mask=None) -> Generation:
+    """Full decoding output (tokens, per-token log-probs, validity mask); see :func:`generate`."""
+    prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+    if prompt_mask is None:
+        prompt_mask = prompt_tokens != pad_id
+    if temperature > 0.0 and rng is None:
+        raise ValueError("generate(temperature > 0) needs an explicit rng=jax.random.key(...).")
+    rng = jax.random.key(0) if rng is None else rng
+    graphdef, state = nnx.split(model)
+    return _decode(graphdef, state, prompt_tokens, jnp.asarray(prompt_mask), rng,
+                   max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                   top_p=float(top_p), eos_id=eos_id, pad_id=int(pad_id))
+
+
+def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.0,
+             top_p: float = 1.0, rng=None, eos_id: int | None = None, pad_id: int = 0,
+             prompt_mask=None) -> jax.Array:
+    """Generates ``[B, max_new_tokens]`` tokens after left-padded prompts ``[B,P]``.
+
+    ``prompt_mask`` (True = real token) defaults to ``prompt_tokens != pad_id``. After a row
+    emits ``eos_id`` it is filled with ``pad_id``.
+    """
+    return decode(model, prompt_tokens, max_new_tokens, temperature=temperature, top_p=top_p,
+                  rng=rng, eos_id=eos_id, pad_id=pad_id, prompt_mask=prompt_mask).tokens

@@ -1,0 +1,100 @@
+"""Decoder-only transformer (Llama / Qwen2 / Qwen3) in Flax NNX.
+
+The model returns final *normalized hidden states*, not logits: the loss applies the LM head
+itself (``lm_head_weight()``) so the fused kernel never materializes ``[tokens, vocab]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from curriculax.models.config import ModelConfig
+from curriculax.models.layers import Block, RMSNorm, param
+
+
+@struct.dataclass
+class KVCache:
+    """Keys/values for every layer, ``[L,B,S,K,D]``; ``segment_ids`` 0 marks empty/padded slots."""
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array  # [B,S] int32
+    index: jax.Array  # [] int32: number of filled slots
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        dtype = dtype or config.compute_dtype
+        return cls(
+            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+            segment_ids=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32),
+        )
+
+
+def _apply_block(block, *args):
+    return block(*args)
+
+
+# Recompute each block's activations in the backward pass instead of storing them.
+_apply_block_remat = nnx.remat(_apply_block)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, v, pd = config.hidden_size, config.vocab_size, config.weight_dtype
+        self.embed = param(rngs, nnx.initializers.normal(1.0), (v, d), ("vocab", "embed"), pd)
+        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(d, config.rms_norm_eps, pd, rngs=rngs)
+        if not config.tie_embeddings:
+            init = nnx.initializers.normal(1.0 / math.sqrt(d))
+            self.lm_head = param(rngs, init, (d, v), ("embed", "vocab"), pd)
+
+    def lm_head_weight(self) -> jax.Array:
+        """The ``[d, V]`` output projection (the transposed embedding when tied)."""
+        if self.config.tie_embeddings:
+            return self.embed[...].T
+        return self.lm_head[...]
+
+    def logits(self, hidden_BxTxd) -> jax.Array:
+        w = self.lm_head_weight().astype(hidden_BxTxd.dtype)
+        return jnp.einsum("btd,dv->btv", hidden_BxTxd, w, preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens_BxT, *, positions=None, segment_ids=None, cache: KVCache | None = None):
+        """Returns hidden states ``[B,T,d]``, or ``(hidden, cache)`` when a cache is given.
+
+        ``positions`` default to ``arange(T)`` (offset by the cache index); ``segment_ids``
+        (packing; 0 = padding) default to all ones.
+        """
+        cfg = self.config
+        b, t = tokens_BxT.shape
+        start = jnp.zeros((), jnp.int32) if cache is None else cache.index
+        q_index = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        if positions is None:
+            positions = q_index
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        segment_ids = segment_ids.astype(jnp.int32)
+
+        x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.compute_dtype)
+        kv_seg = None
+        if cache is not None:
+            kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, start, axis=1)
+
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i], kv_seg, start)
+            apply = _apply_block_remat if cfg.remat else _apply_block
+            x, layer_cache = apply(block, x, positions, segment_ids, q_index, layer_cache)
+            if cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+        hidden = self.final_norm(x)
+        if cache is None:
+            return hidden
+        cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), kv_seg, start + t)
+        return hidden, cache
