@@ -20,8 +20,10 @@ from curriculax.data.records import DataError, Record, validate
 PathLike = str | os.PathLike
 
 
-def _numbered(path: PathLike, required: Sequence[str] = ()) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, object)`` for each non-blank line of a JSONL file."""
+def read_jsonl_numbered(path: PathLike,
+                        required: Sequence[str] = ()) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, object)`` (1-based) for each non-blank line of a JSONL
+    file, checking ``required`` fields are present and non-empty."""
     src = str(path)
     try:
         handle = open(path, encoding="utf-8")
@@ -53,7 +55,7 @@ def _numbered(path: PathLike, required: Sequence[str] = ()) -> Iterator[tuple[in
 
 def read_jsonl(path: PathLike, required: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
     """Iterate the JSON objects of a JSONL file, checking ``required`` fields are present and non-empty."""
-    for _, obj in _numbered(path, required):
+    for _, obj in read_jsonl_numbered(path, required):
         yield obj
 
 
@@ -93,7 +95,7 @@ def gsm8k(path: PathLike, *, keep_calc: bool = False, limit: int | None = None,
     (a proxy for steps, 2..11 in the real data); id = ``gsm8k-{stem}-{line}``.
     """
     src, stem, records = str(path), Path(path).stem, []
-    for number, obj in _numbered(path, ("question", "answer")):
+    for number, obj in read_jsonl_numbered(path, ("question", "answer")):
         if limit is not None and len(records) >= limit:
             break
         reasoning, sep, final = str(obj["answer"]).rpartition("####")
@@ -149,7 +151,7 @@ def math(path: PathLike, *, limit: int | None = None,
     always a DataError.
     """
     src, stem, records = str(path), Path(path).stem, []
-    for number, obj in _numbered(path, ("problem", "level", "type", "solution")):
+    for number, obj in read_jsonl_numbered(path, ("problem", "level", "type", "solution")):
         if limit is not None and len(records) >= limit:
             break
         level = _LEVEL.match(str(obj["level"]))

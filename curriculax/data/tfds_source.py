@@ -12,8 +12,11 @@ The dataset is written in the ``array_record`` format, so
 ``tfds.data_source(...)`` (random access, what Grain consumes) works.  Both
 writing and reading work WITHOUT TensorFlow installed (checked with
 tensorflow-datasets 4.9.10 and array_record 0.8.6): ``download_and_prepare``
-with ``file_format="array_record"`` serializes examples through TFDS's own
-protobuf example writer, not ``tf.train.Example``.
+with ``file_format="array_record"`` serializes examples with TFDS's bundled
+``tf_example_pb2`` protos and reads them back with its numpy decoders.  One
+TFDS 4.9.10 quirk is worked around: its default ``code_path`` needs the
+``importlib_resources`` backport (not a dependency on Python >= 3.9), so
+:class:`CurriculaxJsonl` overrides it.
 
 ``tensorflow_datasets`` is imported only when this module is, and
 ``curriculax.data`` imports this module lazily.
@@ -31,7 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from curriculax.data.jsonl import read_jsonl
+from curriculax.data.jsonl import read_jsonl_numbered
 from curriculax.data.records import FIELDS, STRING_FIELDS, Record, validate
 
 BUILDER_NAME = "curriculax_jsonl"
@@ -75,8 +78,8 @@ class CurriculaxJsonl(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(path) for split, path in paths.items()}
 
     def _generate_examples(self, path: str):
-        for index, obj in enumerate(read_jsonl(path)):
-            record = validate(obj, source=str(path))
+        for index, (line, obj) in enumerate(read_jsonl_numbered(path)):
+            record = validate(obj, source=str(path), line=line)
             yield index, {name: record[name] for name in FIELDS}
 
 

@@ -208,15 +208,16 @@ class HFTokenizer:
                                     owner=f"tokenizer at {self.path.parent}", **specials)
 
 
-def load_tokenizer(path_or_name: str | os.PathLike) -> ByteTokenizer | HFTokenizer:
+def load_tokenizer(path_or_name: str | os.PathLike, **overrides: Any) -> ByteTokenizer | HFTokenizer:
     """``"byte"`` -> :class:`ByteTokenizer`; a directory holding ``tokenizer.json``
-    or a ``tokenizer.json`` path -> :class:`HFTokenizer`.  Never downloads."""
+    or a ``tokenizer.json`` path -> :class:`HFTokenizer` (``overrides`` such as
+    ``eos_token=`` go to its constructor).  Never downloads."""
     if isinstance(path_or_name, str) and path_or_name == "byte":
-        return ByteTokenizer()
+        return ByteTokenizer(**overrides)
     path = Path(path_or_name)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(
             f"no tokenizer at {path}: expected 'byte', a directory containing tokenizer.json, "
             f"or the path of a tokenizer.json file ({file} does not exist); nothing is downloaded")
-    return HFTokenizer(file)
+    return HFTokenizer(file, **overrides)

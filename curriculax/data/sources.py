@@ -1,0 +1,83 @@
+"""Config → records: the training and held-out sets named by ``config.data``.
+
+Sources are looked up in a table (no ``if source == ...`` chains elsewhere). Synthetic sources
+draw the eval set from another seed and drop any eval prompt also present in training, so
+held-out accuracy measures generalization, not recall.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from curriculax.data import jsonl, records, synthetic
+
+
+def _synthetic(make: Callable, min_key: str, max_key: str, extra: Callable = lambda d: {}):
+    def load(d, seed, *, train: bool):
+        lo, hi = (d.min_difficulty, d.max_difficulty) if train else (
+            d.eval_min_difficulty, d.eval_max_difficulty)
+        n = d.num_train if train else d.num_eval
+        # Over-draw the eval set so that dropping training overlaps still leaves `num_eval`.
+        n = n if train else 4 * n
+        return make(n, seed if train else seed + 7919, **{min_key: lo, max_key: hi}, **extra(d))
+    return load
+
+
+def _file(read: Callable):
+    def load(d, seed, *, train: bool):
+        del seed
+        path = d.path if train else d.eval_path
+        if not path:
+            field = "data.path" if train else "data.eval_path"
+            raise ValueError(f"config.{field} is empty: set it to the {d.source} file to read.")
+        records = read(path)
+        lo, hi = (d.min_difficulty, d.max_difficulty) if train else (
+            d.eval_min_difficulty, d.eval_max_difficulty)
+        records = [r for r in records if lo <= r["difficulty"] <= hi]
+        limit = d.num_train if train else d.num_eval
+        return records[:limit] if limit else records
+    return load
+
+
+def _generic_jsonl(path):
+    return [records.validate(r, source=str(path), line=line)
+            for line, r in jsonl.read_jsonl_numbered(path)]
+
+
+def _tfds(path, split):
+    from curriculax.data import tfds_source
+
+    return tfds_source.records_from_source(tfds_source.data_source(path, split))
+
+
+SOURCES: dict[str, Callable] = {
+    "arithmetic": _synthetic(synthetic.arithmetic, "min_steps", "max_steps",
+                             lambda d: {"max_value": d.max_value}),
+    "countdown": _synthetic(synthetic.countdown, "min_numbers", "max_numbers"),
+    "gsm8k": _file(jsonl.gsm8k),
+    "math": _file(jsonl.math),
+    "jsonl": _file(_generic_jsonl),
+    "tfds": _file(lambda p: _tfds(p, "train")),
+}
+
+
+def load_records(data_config, seed: int) -> tuple[list[dict], list[dict]]:
+    """``(train_records, eval_records)`` for ``config.data``."""
+    if data_config.source not in SOURCES:
+        raise ValueError(
+            f"config.data.source={data_config.source!r} is unknown; choose one of {sorted(SOURCES)}."
+        )
+    load = SOURCES[data_config.source]
+    train = load(data_config, seed, train=True)
+    if data_config.eval_path or data_config.source in ("arithmetic", "countdown"):
+        held_out = load(data_config, seed, train=False)
+    else:  # one file: split the tail off as the held-out set
+        n = data_config.num_eval
+        if n >= len(train):
+            raise ValueError(
+                f"config.data.num_eval={n} leaves no training data out of {len(train)} records."
+            )
+        train, held_out = train[:-n], train[-n:]
+    seen = {r["prompt"] for r in train}
+    held_out = [r for r in held_out if r["prompt"] not in seen][: data_config.num_eval]
+    return train, held_out
