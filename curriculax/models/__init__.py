@@ -2,9 +2,10 @@
 
 from curriculax.models.config import ModelConfig, RopeScaling, num_params
 from curriculax.models.generate import Generation, decode, generate
+from curriculax.models.hf import load_hf, save_hf
 from curriculax.models.transformer import KVCache, Transformer
 
 __all__ = [
     "Generation", "KVCache", "ModelConfig", "RopeScaling", "Transformer", "decode", "generate",
-    "num_params",
+    "load_hf", "num_params", "save_hf",
 ]
