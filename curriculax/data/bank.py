@@ -79,6 +79,7 @@ class BankInfo:
     num_truncated: int
     num_dropped: int
     pad_id: int
+    mask_id: int | None = None  # the tokenizer's mask token, for input-masking transforms
 
 
 @dataclasses.dataclass
@@ -137,7 +138,8 @@ class ExampleBank:
         diffs = arrays["difficulty"]
         info = BankInfo(seq_len=seq_len, category_names=cats, difficulty_min=int(diffs.min()),
                         difficulty_max=int(diffs.max()), num_truncated=truncated,
-                        num_dropped=dropped, pad_id=int(tokenizer.pad_id))
+                        num_dropped=dropped, pad_id=int(tokenizer.pad_id),
+                        mask_id=getattr(tokenizer, "mask_id", None))
         return cls(Bank(**arrays, info=info), ids, answers)
 
     def to_device(self, sharding=None) -> Bank:

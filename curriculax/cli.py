@@ -1,0 +1,72 @@
+"""Command line: ``curriculax {train,eval,quickstart} --config=FILE --workdir=DIR``.
+
+``--config`` is an ml_collections config file (``configs/*.py`` with ``get_config()``);
+fields are overridden with ``--config.steps=200``. Without ``--config`` the built-in
+quickstart config is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from curriculax.train import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", f"{config_lib.__file__}:quickstart", "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots).")
+
+
+def _train(cfg, workdir):
+    from curriculax.train import train
+
+    return train(cfg, workdir)
+
+
+def _eval(cfg, workdir):
+    from curriculax.train import checkpoint, evaluate, setup
+
+    exp = setup.build(cfg)
+    mngr = checkpoint.manager(workdir, async_save=False)
+    if mngr.latest_step() is None:
+        raise app.UsageError(f"No checkpoint in {workdir}/checkpoints: train first.")
+    state, _ = checkpoint.restore(mngr, exp.abstract_state, exp.state_shardings)
+    return {"step": int(state.step), **evaluate(exp, state.params)}
+
+
+def _quickstart(cfg, workdir):
+    result = _train(cfg, workdir)
+    print(f"\nQuickstart finished at step {result['step']}: train loss {result.get('loss', float('nan')):.3f}, "
+          f"held-out accuracy {result.get('eval/accuracy', float('nan')):.1%}.")
+    print(f"Metrics: {workdir}/metrics.jsonl   TensorBoard: {workdir}/tensorboard")
+    print(f"Plots:   {workdir}/training.png  {workdir}/curriculum.png")
+    return result
+
+
+COMMANDS = {"train": _train, "eval": _eval, "quickstart": _quickstart}
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f"usage: curriculax {{{','.join(COMMANDS)}}} --config=FILE --workdir=DIR")
+    command = argv[1]
+    workdir = _WORKDIR.value or ("runs/quickstart" if command == "quickstart" else None)
+    if workdir is None:
+        raise app.UsageError(f"curriculax {command} needs --workdir=DIR.")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    result = COMMANDS[command](_CONFIG.value, workdir)
+    if command != "quickstart":
+        json.dump(result, sys.stdout, indent=2, default=float)
+        print()
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,239 @@
+"""``fused_lm_head``: per-token statistics of ``softmax(h @ W)`` without ``[N, V]``.
+
+Public API
+----------
+``fused_lm_head(hidden [N,d], weight [d,V], targets [N], *, where=None,
+logit_softcap=None, ref_weight=None, ref_hidden=None, kl_direction="policy_ref",
+sample_rng=None, temperature=1.0, block_n=None, block_v=None, block_d=None,
+impl="auto", interpret=None) -> LMHeadStats``
+
+Statistics (float32 ``[N]``; see :mod:`curriculax.kernels.xla` for formulas):
+
+* ``target_logprob``  log p(target), ``lse`` logsumexp of the logits,
+  ``entropy`` -sum p log p -- always.
+* ``kl_to_ref`` -- when ``ref_weight`` is given.  The reference head's logits
+  are ``ref_hidden @ ref_weight`` (``ref_hidden`` defaults to ``hidden``), with
+  the same softcap, and receive **no gradient**.  Direction:
+
+  - ``kl_direction="policy_ref"`` (default): ``KL(p_policy || p_ref)``, the
+    "reverse" KL of RLHF-style anchoring.
+  - ``kl_direction="ref_policy"``: ``KL(p_ref || p_policy)``, the *forward* KL
+    that Anchored SFT uses (``F.kl_div(log_softmax(theta), softmax(ref))``,
+    shared/methods/asft.md); its logit gradient is ``p_policy - p_ref``.
+
+* ``sampled_token`` (int32) / ``sampled_logprob`` -- when ``sample_rng`` is
+  given: Gumbel-max sampling from ``softmax(z / temperature)`` with the
+  counter-based noise of :mod:`curriculax.kernels.gumbel` (identical on every
+  implementation and blocking).  ``sampled_logprob`` is ``log p(token)`` under
+  the temperature-1 (capped) policy; it is differentiable, the token is not.
+
+Masking: a row is *valid* iff ``where[n]`` (default True) and
+``0 <= targets[n] < V``.  Invalid rows (prompt/pad, ``targets=-100``/``-1``)
+return 0 for every statistic (``sampled_token`` 0 too) and get exactly zero
+gradient; out-of-range targets are treated as masked rather than clamped.
+
+Gradients: ``xla_naive`` differentiates the materialized computation with
+plain autodiff (the reference).  Every other impl is a ``jax.custom_vjp``
+whose backward recomputes logits blockwise from ``(hidden, weight)`` and the
+saved per-row ``lse`` (and entropy / KL / reference lse), supporting
+cotangents on every float statistic at once.  ``d_hidden`` / ``d_weight`` come
+back in the input dtypes; accumulation is float32.
+
+Implementations (``IMPLS``):
+
+==============  ==============================================================
+``xla_naive``   materialized ``[N, V]`` logits; reference, O(N V) memory
+``xla_chunked`` ``lax.scan`` over vocab chunks, online logsumexp; portable,
+                the CPU default; O(N * block_v) temporaries
+``pallas_gpu``  fused Triton forward; backward = fused Pallas ``dlogits`` per
+                vocab chunk + cuBLAS GEMMs (see ``pallas_gpu.py``)
+``pallas_tpu``  fused Mosaic-TPU forward and backward (see ``pallas_tpu.py``)
+``auto``        gpu -> pallas_gpu, tpu -> pallas_tpu, otherwise xla_chunked
+==============  ==============================================================
+
+``interpret``: run Pallas kernels through the Pallas interpreter (``None``:
+only when the default backend is CPU).  Block sizes default per impl;
+``block_d`` is the inner hidden-dim chunk of ``pallas_gpu`` only, and
+``block_n`` is ignored by the XLA impls (they process all rows per chunk).
+Temperature, softcap and block sizes are static (a change recompiles).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from curriculax.kernels import gumbel, pallas_gpu, pallas_tpu, xla
+from curriculax.kernels.xla import HeadOpts
+
+IMPLS = ("auto", "xla_naive", "xla_chunked", "pallas_gpu", "pallas_tpu")
+
+_STAT_FIELDS = ("target_logprob", "lse", "entropy", "kl_to_ref", "sampled_token", "sampled_logprob")
+
+
+@flax.struct.dataclass
+class LMHeadStats:
+    """Per-token statistics, each ``[N]`` (optional ones None when not requested)."""
+
+    target_logprob: jax.Array
+    lse: jax.Array
+    entropy: jax.Array
+    kl_to_ref: Optional[jax.Array] = None
+    sampled_token: Optional[jax.Array] = None
+    sampled_logprob: Optional[jax.Array] = None
+
+
+def resolve_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}.get(
+        backend, "xla_chunked"
+    )
+
+
+def _mask_stats(stats: dict, valid: jax.Array) -> dict:
+    out = {}
+    for k in _STAT_FIELDS:
+        if k in stats:
+            out[k] = jnp.where(valid, stats[k], jnp.zeros((), stats[k].dtype))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _make_fused(impl: str, opts: HeadOpts, block_n, block_v, block_d, interpret: bool):
+    """Build the custom_vjp'd statistics function for one static configuration."""
+    if impl == "xla_chunked":
+
+        def fwd_state(h, w, hr, wr, t, rh):
+            bv = block_v or xla.default_block_v(h.shape[0], w.shape[1])
+            return xla.chunked_forward(h, w, hr, wr, t[:, None], None if rh is None else rh[:, None], opts, block_v=bv)
+
+        def bwd_grads(h, w, hr, wr, rg):
+            bv = block_v or xla.default_block_v(h.shape[0], w.shape[1])
+            return xla.chunked_backward(h, w, hr, wr, rg, opts, block_v=bv)
+
+    elif impl == "pallas_gpu":
+        kw = dict(block_n=block_n, block_v=block_v, block_d=block_d, interpret=interpret)
+
+        def fwd_state(h, w, hr, wr, t, rh):
+            return pallas_gpu.forward(h, w, hr, wr, t, rh, opts, **kw)
+
+        def bwd_grads(h, w, hr, wr, rg):
+            return pallas_gpu.backward(h, w, hr, wr, rg, opts, **kw)
+
+    elif impl == "pallas_tpu":
+        kw = dict(block_n=block_n, block_v=block_v, interpret=interpret)
+
+        def fwd_state(h, w, hr, wr, t, rh):
+            return pallas_tpu.forward(h, w, hr, wr, t, rh, opts, **kw)
+
+        def bwd_grads(h, w, hr, wr, rg):
+            return pallas_tpu.backward(h, w, hr, wr, rg, opts, **kw)
+
+    else:  # pragma: no cover
+        raise ValueError(impl)
+
+    def forward(h, w, hr, wr, targets, valid, row_hash):
+        stats = xla.finalize(fwd_state(h, w, hr, wr, targets, row_hash), opts)
+        return _mask_stats(stats, valid), stats
+
+    @jax.custom_vjp
+    def fused(h, w, hr, wr, targets, valid, row_hash):
+        return forward(h, w, hr, wr, targets, valid, row_hash)[0]
+
+    def fused_fwd(h, w, hr, wr, targets, valid, row_hash):
+        out, stats = forward(h, w, hr, wr, targets, valid, row_hash)
+        keep = {k: stats[k] for k in ("lse", "entropy", "kl_to_ref", "lse_ref", "sampled_token") if k in stats}
+        return out, (h, w, hr, wr, targets, valid, keep)
+
+    def fused_bwd(res, cts):
+        h, w, hr, wr, targets, valid, keep = res
+        rg = xla.row_grad(keep, cts, targets, keep.get("sampled_token"), valid, opts)
+        d_h, d_w = bwd_grads(h, w, hr, wr, rg)
+        # reference side, targets, mask and noise get no gradient
+        return d_h, d_w, None, None, None, None, None
+
+    fused.defvjp(fused_fwd, fused_bwd)
+    return fused
+
+
+def fused_lm_head(
+    hidden: jax.Array,
+    weight: jax.Array,
+    targets: jax.Array,
+    *,
+    where: Optional[jax.Array] = None,
+    logit_softcap: Optional[float] = None,
+    ref_weight: Optional[jax.Array] = None,
+    ref_hidden: Optional[jax.Array] = None,
+    kl_direction: str = "policy_ref",
+    sample_rng: Optional[jax.Array] = None,
+    temperature: float = 1.0,
+    block_n: Optional[int] = None,
+    block_v: Optional[int] = None,
+    block_d: Optional[int] = None,
+    impl: str = "auto",
+    interpret: Optional[bool] = None,
+) -> LMHeadStats:
+    """Per-token statistics of the LM head ``softmax(cap(hidden @ weight))``.
+
+    See the module docstring for the statistics, masking, KL direction,
+    sampling and implementation details.
+    """
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[0]:
+        raise ValueError(f"expected hidden [N,d] and weight [d,V], got {hidden.shape} and {weight.shape}")
+    n, vocab = hidden.shape[0], weight.shape[1]
+    if targets.shape != (n,):
+        raise ValueError(f"targets must have shape ({n},), got {targets.shape}")
+    if ref_hidden is not None and ref_weight is None:
+        raise ValueError("ref_hidden given without ref_weight")
+    if ref_weight is not None:
+        ref_d = hidden.shape[1] if ref_hidden is None else ref_hidden.shape[1]
+        if ref_weight.shape != (ref_d, vocab):
+            raise ValueError(f"ref_weight must be [{ref_d}, {vocab}], got {ref_weight.shape}")
+        if ref_hidden is not None and ref_hidden.shape[0] != n:
+            raise ValueError(f"ref_hidden must have {n} rows, got {ref_hidden.shape}")
+    if kl_direction not in xla.KL_DIRECTIONS:
+        raise ValueError(f"kl_direction must be one of {xla.KL_DIRECTIONS}")
+    if not temperature > 0:
+        raise ValueError("temperature must be > 0")
+    if logit_softcap is not None and not logit_softcap > 0:
+        raise ValueError("logit_softcap must be > 0 or None")
+
+    impl = resolve_impl(impl)
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    opts = HeadOpts(
+        softcap=None if logit_softcap is None else float(logit_softcap),
+        temperature=float(temperature),
+        with_kl=ref_weight is not None,
+        kl_direction=kl_direction,
+        with_sample=sample_rng is not None,
+    )
+
+    targets = targets.astype(jnp.int32)
+    valid = (targets >= 0) & (targets < vocab)
+    if where is not None:
+        valid = valid & where.astype(bool)
+    targets = jnp.where(valid, targets, -1)
+    row_hash = gumbel.noise_row_hash(sample_rng, n) if opts.with_sample else None
+    ref_weight = None if ref_weight is None else jax.lax.stop_gradient(ref_weight)
+    ref_hidden = None if ref_hidden is None else jax.lax.stop_gradient(ref_hidden)
+
+    if impl == "xla_naive":
+        stats = _mask_stats(
+            xla.naive_stats(hidden, weight, ref_hidden, ref_weight, targets, valid, row_hash, opts), valid
+        )
+    else:
+        fn = _make_fused(impl, opts, block_n, block_v, block_d, bool(interpret))
+        stats = fn(hidden, weight, ref_hidden, ref_weight, targets, valid, row_hash)
+    if "sampled_token" in stats:
+        stats["sampled_token"] = stats["sampled_token"].astype(jnp.int32)
+    return LMHeadStats(**stats)

@@ -1,0 +1,294 @@
+"""Pallas (Triton) GPU implementation of the fused LM-head statistics.
+
+Forward -- one fused kernel, grid ``(token blocks, vocab splits)``::
+
+    program (i, j): rows [i*bn, (i+1)*bn), vocab blocks [j*per, (j+1)*per)
+      state = init
+      for vb in vocab blocks of split j:              (lax.fori_loop)
+        acc[bn, bv] = sum_k h[rows, k-chunk] @ W[k-chunk, vb]   (fori_loop over d,
+                                                  bf16 x bf16 -> fp32 dot)
+        z = softcap(acc); state = merge(state, tile_state(z, ...))
+      write state (m, s, a, zt, [mr, sr, b], [best, idx, bz]) -> [splits, N]
+
+The logits tile only ever lives in registers.  Splitting the vocabulary over a
+second grid axis keeps the GPU full when ``N / bn`` is smaller than the number
+of SMs (flash-decoding style); the ``[splits, N]`` partial states are merged
+exactly in JAX (:func:`xla.merge_splits`), then finalized.  Loads are masked
+(``other=0``) so neither ``N`` nor ``V`` nor ``d`` need to be multiples of the
+block sizes and no input is padded (padding ``W`` would copy ``V*d``).
+
+Backward -- a hybrid, chunked over the vocabulary (``lax.scan``)::
+
+    for each vocab chunk c (width vc, a multiple of bv):
+      dr_c[N, vc] = Pallas kernel: recompute logits tile-by-tile (as above) and
+                    apply xla.tile_dlogits in registers; store in the input dtype
+      d_h += dr_c @ W_c^T          (XLA/cuBLAS GEMM, fp32 accumulator [N, d])
+      d_W[:, c] = h^T @ dr_c       (XLA/cuBLAS GEMM, written once, weight dtype)
+
+Why not a fully fused backward?  The natural "own your output tile" kernels
+need a ``[bn, d]`` (for d_h) or ``[d, bv]`` (for d_W) float32 accumulator in
+registers; with ``d`` = 1.5k-4k that does not fit, and tiling ``d`` instead
+multiplies the logit recomputation by ``d / bd``.  CCE / tokamax resolve it with
+atomic adds into ``d_h``/``d_W`` (bf16 lock-adds or an fp32 copy of ``d_W``);
+here the two big GEMMs go to cuBLAS and Pallas does the part XLA cannot fuse
+(matmul + softmax-gradient epilogue).  Extra memory: ``[N, vc]`` for ``dr_c``
+plus the fp32 ``d_h`` accumulator.
+
+All per-tile math is shared with ``xla_chunked`` (``curriculax.kernels.xla``),
+so under ``interpret=True`` this backend reproduces ``xla_chunked`` to
+rounding.  Block sizes must be powers of two >= 16 (Triton ``tl.dot``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from curriculax.kernels import xla
+from curriculax.kernels.xla import HeadOpts, OnlineState, RowGrad
+
+_TARGET_PROGRAMS = 264  # ~2 waves on a 132-SM H100/H200
+
+
+def _pow2_block(requested: Optional[int], default: int, extent: int) -> int:
+    b = default if requested is None else requested
+    if b < 16 or b & (b - 1):
+        raise ValueError(f"pallas_gpu block sizes must be powers of two >= 16, got {b}")
+    # do not use blocks (much) larger than the array
+    return max(16, min(b, pl.next_power_of_2(extent)))
+
+
+def _pad_rows(x: jax.Array, n_pad: int, fill) -> jax.Array:
+    return jnp.pad(x, (0, n_pad - x.shape[0]), constant_values=fill)
+
+
+def _logit_tiles(x_ref, w_ref, xr_ref, wr_ref, row_ok, c0, col_ok, *, bn, bv, bk, shares_x, opts):
+    """``(z, zr)`` for one ``[bn, bv]`` tile; d-loop with masked loads, fp32 acc."""
+
+    def load_x(ref, k, dx):
+        kk = k * bk + jnp.arange(bk)
+        return plgpu.load(ref.at[:, pl.ds(k * bk, bk)], mask=row_ok[:, None] & (kk < dx)[None, :], other=0.0)
+
+    def load_w(ref, k, dx):
+        kk = k * bk + jnp.arange(bk)
+        return plgpu.load(
+            ref.at[pl.ds(k * bk, bk), pl.ds(c0, bv)], mask=(kk < dx)[:, None] & col_ok[None, :], other=0.0
+        )
+
+    def dot(a, b):
+        return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+    zeros = jnp.zeros((bn, bv), jnp.float32)
+    d = w_ref.shape[0]
+    nk = pl.cdiv(d, bk)
+    if opts.with_kl and shares_x:
+        # one pass over the shared hidden block feeds both heads
+
+        def body(k, accs):
+            xb = load_x(x_ref, k, d)
+            return accs[0] + dot(xb, load_w(w_ref, k, d)), accs[1] + dot(xb, load_w(wr_ref, k, d))
+
+        acc, accr = lax.fori_loop(0, nk, body, (zeros, zeros))
+        return xla.cap(acc, opts.softcap), xla.cap(accr, opts.softcap)
+
+    def single(xref, wref):
+        dx = wref.shape[0]
+        return lax.fori_loop(
+            0, pl.cdiv(dx, bk), lambda k, acc: acc + dot(load_x(xref, k, dx), load_w(wref, k, dx)), zeros
+        )
+
+    z = xla.cap(single(x_ref, w_ref), opts.softcap)
+    zr = xla.cap(single(xr_ref, wr_ref), opts.softcap) if opts.with_kl else None
+    return z, zr
+
+
+def _state_fields(opts: HeadOpts):
+    names = ["m", "s", "a", "zt"]
+    if opts.with_kl:
+        names += ["mr", "sr", "b"]
+    if opts.with_sample:
+        names += ["best", "idx", "bz"]
+    return names
+
+
+def _fwd_kernel(*refs, n_rows, vocab, n_vblocks, per_split, bn, bv, bk, shares_x, opts: HeadOpts):
+    it = iter(refs)
+    x_ref, w_ref = next(it), next(it)
+    xr_ref = wr_ref = None
+    if opts.with_kl:
+        xr_ref = None if shares_x else next(it)
+        wr_ref = next(it)
+    t_ref = next(it)
+    rh_ref = next(it) if opts.with_sample else None
+    out_refs = list(it)
+
+    i, j = pl.program_id(0), pl.program_id(1)
+    rows = i * bn + jnp.arange(bn)
+    row_ok = rows < n_rows
+    targets = t_ref[...][:, None]
+    row_hash = rh_ref[...][:, None] if opts.with_sample else None
+
+    def vbody(vb, st):
+        c0 = vb * bv
+        cols = c0 + jnp.arange(bv, dtype=jnp.int32)
+        col_ok = cols < vocab
+        z, zr = _logit_tiles(
+            x_ref, w_ref, xr_ref, wr_ref, row_ok, c0, col_ok, bn=bn, bv=bv, bk=bk, shares_x=shares_x, opts=opts
+        )
+        tile = xla.tile_state(z, zr, col_ok[None, :], cols[None, :], targets, row_hash, opts)
+        return xla.merge(st, tile, opts)
+
+    lo = j * per_split
+    hi = jnp.minimum(lo + per_split, n_vblocks)
+    st = lax.fori_loop(lo, hi, vbody, xla.init_state(bn, opts))
+    for ref, name in zip(out_refs, _state_fields(opts)):
+        ref[...] = getattr(st, name)[:, 0]
+
+
+def forward(
+    h, w, hr, wr, targets, row_hash, opts: HeadOpts, *,
+    block_n=None, block_v=None, block_d=None, num_splits=None, interpret=False, num_warps=4, num_stages=2,
+) -> OnlineState:
+    """Online state ``[N, 1]`` per field, computed by the fused Triton kernel."""
+    n, d = h.shape
+    vocab = w.shape[1]
+    bn = _pow2_block(block_n, 64, n)
+    bv = _pow2_block(block_v, 128, vocab)
+    bk = _pow2_block(block_d, 64, max(d, hr.shape[1] if hr is not None else d))
+    nb = pl.cdiv(n, bn)
+    nvb = pl.cdiv(vocab, bv)
+    splits = num_splits or pl.cdiv(_TARGET_PROGRAMS, nb)
+    splits = max(1, min(splits, nvb))
+    per = pl.cdiv(nvb, splits)
+    splits = pl.cdiv(nvb, per)  # no empty split
+    n_pad = nb * bn
+    shares_x = hr is None
+
+    args = [h, w]
+    in_specs = [pl.BlockSpec((bn, d), lambda i, j: (i, 0)), pl.no_block_spec]
+    if opts.with_kl:
+        if not shares_x:
+            args.append(hr)
+            in_specs.append(pl.BlockSpec((bn, hr.shape[1]), lambda i, j: (i, 0)))
+        args.append(wr)
+        in_specs.append(pl.no_block_spec)
+    args.append(_pad_rows(targets.astype(jnp.int32), n_pad, -1))
+    in_specs.append(pl.BlockSpec((bn,), lambda i, j: (i,)))
+    if opts.with_sample:
+        args.append(_pad_rows(row_hash, n_pad, 0))
+        in_specs.append(pl.BlockSpec((bn,), lambda i, j: (i,)))
+
+    names = _state_fields(opts)
+    out_shape = [jax.ShapeDtypeStruct((splits, n_pad), jnp.int32 if f == "idx" else jnp.float32) for f in names]
+    out_specs = [pl.BlockSpec((None, bn), lambda i, j: (j, i)) for _ in names]
+    kernel = functools.partial(
+        _fwd_kernel, n_rows=n, vocab=vocab, n_vblocks=nvb, per_split=per, bn=bn, bv=bv, bk=bk,
+        shares_x=shares_x, opts=opts,
+    )
+    outs = pl.pallas_call(
+        kernel,
+        grid=(nb, splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="lm_head_stats_fwd",
+    )(*args)
+    parts = OnlineState(**{f: o[:, :n, None] for f, o in zip(names, outs)})
+    return xla.merge_splits(parts, opts)
+
+
+# ----------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------
+
+_RG_FIELDS = ("lse", "c0", "g_h", "g_tl", "targets", "lse_r", "g_kl", "g_sl", "sidx")
+
+
+def _dlogits_kernel(*refs, n_rows, vocab, chunk, bn, bv, bk, shares_x, rg_present, opts: HeadOpts):
+    it = iter(refs)
+    x_ref, w_ref = next(it), next(it)
+    xr_ref = wr_ref = None
+    if opts.with_kl:
+        xr_ref = None if shares_x else next(it)
+        wr_ref = next(it)
+    off_ref = next(it)
+    rg = RowGrad(**{f: (next(it)[...][:, None] if f in rg_present else None) for f in _RG_FIELDS})
+    o_ref = next(it)
+
+    i, j = pl.program_id(0), pl.program_id(1)
+    rows = i * bn + jnp.arange(bn)
+    row_ok = rows < n_rows
+    start, lo = off_ref[0], off_ref[1]
+    local = j * bv + jnp.arange(bv, dtype=jnp.int32)
+    in_chunk = local < chunk
+    cols = start + local
+    z, zr = _logit_tiles(
+        x_ref, w_ref, xr_ref, wr_ref, row_ok, j * bv, in_chunk, bn=bn, bv=bv, bk=bk, shares_x=shares_x, opts=opts
+    )
+    valid = (in_chunk & (cols >= lo) & (cols < vocab))[None, :]
+    dr = xla.tile_dlogits(z, zr, valid, cols[None, :], rg, opts)
+    plgpu.store(
+        o_ref.at[pl.ds(i * bn, bn), pl.ds(j * bv, bv)],
+        dr.astype(o_ref.dtype),
+        mask=row_ok[:, None] & in_chunk[None, :],
+    )
+
+
+def backward(
+    h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *,
+    block_n=None, block_v=None, block_d=None, chunk_v=None, interpret=False, num_warps=4, num_stages=2,
+):
+    """``(d_hidden, d_weight)``: Pallas-fused ``dlogits`` per vocab chunk + XLA GEMMs."""
+    n, d = h.shape
+    vocab = w.shape[1]
+    bn = _pow2_block(block_n, 64, n)
+    bv = _pow2_block(block_v, 128, vocab)
+    bk = _pow2_block(block_d, 64, max(d, hr.shape[1] if hr is not None else d))
+    nb = pl.cdiv(n, bn)
+    n_pad = nb * bn
+    if chunk_v is None:
+        chunk_v = xla.default_block_v(n, vocab)
+    chunk = min(vocab, max(bv, (chunk_v // bv) * bv))
+    shares_x = hr is None
+    cdt = jnp.result_type(h.dtype, w.dtype)
+
+    present = [f for f in _RG_FIELDS if getattr(rg, f) is not None]
+    rg_args = [_pad_rows(getattr(rg, f)[:, 0], n_pad, -1 if f in ("targets", "sidx") else 0) for f in present]
+    kernel = functools.partial(
+        _dlogits_kernel, n_rows=n, vocab=vocab, chunk=chunk, bn=bn, bv=bv, bk=bk, shares_x=shares_x,
+        rg_present=tuple(present), opts=opts,
+    )
+
+    def dlogits(h_, w_c, hr_, wr_c, start, lo):
+        args = [h_, w_c]
+        in_specs = [pl.BlockSpec((bn, d), lambda i, j: (i, 0)), pl.no_block_spec]
+        if opts.with_kl:
+            if not shares_x:
+                args.append(hr_)
+                in_specs.append(pl.BlockSpec((bn, hr_.shape[1]), lambda i, j: (i, 0)))
+            args.append(wr_c)
+            in_specs.append(pl.no_block_spec)
+        args.append(jnp.stack([start, lo]).astype(jnp.int32))
+        in_specs.append(pl.no_block_spec)
+        args += rg_args
+        in_specs += [pl.BlockSpec((bn,), lambda i, j: (i,)) for _ in rg_args]
+        return pl.pallas_call(
+            kernel,
+            grid=(nb, pl.cdiv(chunk, bv)),
+            in_specs=in_specs,
+            out_specs=pl.no_block_spec,
+            out_shape=jax.ShapeDtypeStruct((n, chunk), cdt),
+            compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+            interpret=interpret,
+            name="lm_head_dlogits",
+        )(*args)
+
+    return xla.chunked_backward(h, w, hr, wr, rg, opts, block_v=chunk, dlogits_fn=dlogits)

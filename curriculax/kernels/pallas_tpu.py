@@ -1,0 +1,251 @@
+"""Pallas Mosaic-TPU implementation of the fused LM-head statistics.
+
+Same algorithm as the GPU backend, written with TPU conventions: BlockSpecs move
+``[bn, d]`` hidden blocks and ``[d, bv]`` weight blocks HBM -> VMEM (pipelined by
+Mosaic), a logits tile ``[bn, bv]`` is one MXU matmul, and reductions run over
+an ``"arbitrary"`` grid axis with the accumulator resident in VMEM.
+
+* forward  grid ``(N/bn, V/bv)``: the online state (``[bn, 1]`` per field) lives
+  in the output blocks, which stay resident across the vocabulary axis;
+  initialised at ``j == 0`` and merged with each tile's statistics.
+* d_hidden grid ``(N/bn, V/bv)``: recompute the tile, ``dr = tile_dlogits``,
+  ``acc[bn, d] += dr @ W_blk^T`` in an fp32 VMEM scratch, written at the end.
+* d_weight grid ``(V/bv, N/bn)``: recompute, ``acc[d, bv] += h_blk^T @ dr``.
+
+Unlike on GPU, the ``[bn, d]`` / ``[d, bv]`` fp32 accumulators fit in VMEM, so
+the backward is fully fused and writes ``d_h`` / ``d_W`` once, in the input
+dtype (cost: the logits are recomputed twice in the backward).
+
+Edge blocks (``N % bn``, ``V % bv``) are read with undefined padding, so hidden
+rows / weight columns outside the array are zeroed with ``where`` before any
+matmul and masked columns are excluded from every statistic.  The per-tile math
+is :mod:`curriculax.kernels.xla`'s (shared with ``xla_chunked``).
+
+Status: validated in interpret mode on CPU only; it has not been compiled by
+Mosaic on a real TPU (see the module README in ``lm_head.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from curriculax.kernels import xla
+from curriculax.kernels.xla import HeadOpts, OnlineState, RowGrad
+
+_RG_FIELDS = ("lse", "c0", "g_h", "g_tl", "targets", "lse_r", "g_kl", "g_sl", "sidx")
+
+
+def _block(requested, default, extent, align):
+    b = default if requested is None else requested
+    if b % align:
+        raise ValueError(f"pallas_tpu block size {b} must be a multiple of {align}")
+    full = -(-extent // align) * align
+    return min(b, full)
+
+
+def _fields(opts: HeadOpts):
+    names = ["m", "s", "a", "zt"]
+    if opts.with_kl:
+        names += ["mr", "sr", "b"]
+    if opts.with_sample:
+        names += ["best", "idx", "bz"]
+    return names
+
+
+def _pad_col(x, n_pad, fill):
+    """``[N] -> [n_pad, 1]`` (per-row vectors enter the kernels as columns)."""
+    return jnp.pad(x, (0, n_pad - x.shape[0]), constant_values=fill)[:, None]
+
+
+def _tiles(x_ref, w_ref, xr_ref, wr_ref, row_ok, col_ok, opts: HeadOpts):
+    """Masked operand blocks and the ``(z, zr)`` logits tile."""
+    x = jnp.where(row_ok, x_ref[...], 0)
+    w = jnp.where(col_ok, w_ref[...], 0)
+    z = xla.cap(jnp.dot(x, w, preferred_element_type=jnp.float32), opts.softcap)
+    zr = None
+    if opts.with_kl:
+        xr = x if xr_ref is None else jnp.where(row_ok, xr_ref[...], 0)
+        wr = jnp.where(col_ok, wr_ref[...], 0)
+        zr = xla.cap(jnp.dot(xr, wr, preferred_element_type=jnp.float32), opts.softcap)
+    return x, w, z, zr
+
+
+def _iotas(i, j, bn, bv, n_rows, vocab):
+    rows = i * bn + lax.broadcasted_iota(jnp.int32, (bn, 1), 0)
+    cols = j * bv + lax.broadcasted_iota(jnp.int32, (1, bv), 1)
+    return rows < n_rows, cols, cols < vocab
+
+
+def _unpack_inputs(refs, opts, shares_x):
+    it = iter(refs)
+    x_ref, w_ref = next(it), next(it)
+    xr_ref = wr_ref = None
+    if opts.with_kl:
+        xr_ref = None if shares_x else next(it)
+        wr_ref = next(it)
+    return it, x_ref, w_ref, xr_ref, wr_ref
+
+
+def _fwd_kernel(*refs, n_rows, vocab, bn, bv, shares_x, opts: HeadOpts):
+    it, x_ref, w_ref, xr_ref, wr_ref = _unpack_inputs(refs, opts, shares_x)
+    t_ref = next(it)
+    rh_ref = next(it) if opts.with_sample else None
+    out_refs = dict(zip(_fields(opts), it))
+    i, j = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _init():
+        for name, val in xla.init_state(bn, opts)._asdict().items():
+            if val is not None:
+                out_refs[name][...] = val
+
+    row_ok, cols, col_ok = _iotas(i, j, bn, bv, n_rows, vocab)
+    _, _, z, zr = _tiles(x_ref, w_ref, xr_ref, wr_ref, row_ok, col_ok, opts)
+    rh = rh_ref[...] if opts.with_sample else None
+    tile = xla.tile_state(z, zr, col_ok, cols, t_ref[...], rh, opts)
+    old = OnlineState(**{k: r[...] for k, r in out_refs.items()})
+    new = xla.merge(old, tile, opts)
+    for name, ref in out_refs.items():
+        ref[...] = getattr(new, name)
+
+
+def _params(semantics, vmem_limit_bytes):
+    return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=vmem_limit_bytes)
+
+
+def forward(
+    h, w, hr, wr, targets, row_hash, opts: HeadOpts, *,
+    block_n=None, block_v=None, interpret=False, vmem_limit_bytes=None,
+) -> OnlineState:
+    n, d = h.shape
+    vocab = w.shape[1]
+    bn = _block(block_n, 256, n, 16)
+    bv = _block(block_v, 256, vocab, 128)
+    nb, nvb = pl.cdiv(n, bn), pl.cdiv(vocab, bv)
+    n_pad = nb * bn
+    shares_x = hr is None
+
+    args = [h, w]
+    specs = [pl.BlockSpec((bn, d), lambda i, j: (i, 0)), pl.BlockSpec((d, bv), lambda i, j: (0, j))]
+    if opts.with_kl:
+        if not shares_x:
+            args.append(hr)
+            specs.append(pl.BlockSpec((bn, hr.shape[1]), lambda i, j: (i, 0)))
+        args.append(wr)
+        specs.append(pl.BlockSpec((wr.shape[0], bv), lambda i, j: (0, j)))
+    row_spec = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
+    args.append(_pad_col(targets.astype(jnp.int32), n_pad, -1))
+    specs.append(row_spec)
+    if opts.with_sample:
+        args.append(_pad_col(row_hash, n_pad, 0))
+        specs.append(row_spec)
+    names = _fields(opts)
+    outs = pl.pallas_call(
+        functools.partial(_fwd_kernel, n_rows=n, vocab=vocab, bn=bn, bv=bv, shares_x=shares_x, opts=opts),
+        grid=(nb, nvb),
+        in_specs=specs,
+        out_specs=[row_spec for _ in names],
+        out_shape=[jax.ShapeDtypeStruct((n_pad, 1), jnp.int32 if f == "idx" else jnp.float32) for f in names],
+        compiler_params=_params(("parallel", "arbitrary"), vmem_limit_bytes),
+        interpret=interpret,
+        name="lm_head_stats_fwd_tpu",
+    )(*args)
+    return OnlineState(**{f: o[:n] for f, o in zip(names, outs)})
+
+
+def _bwd_kernel(*refs, n_rows, vocab, bn, bv, shares_x, rg_present, for_weight, opts: HeadOpts):
+    it, x_ref, w_ref, xr_ref, wr_ref = _unpack_inputs(refs, opts, shares_x)
+    rg = RowGrad(**{f: (next(it)[...] if f in rg_present else None) for f in _RG_FIELDS})
+    out_ref, acc_ref = next(it), next(it)
+    if for_weight:  # grid (vocab block, token block)
+        j, i = pl.program_id(0), pl.program_id(1)
+        last = pl.num_programs(1) - 1
+        inner = i
+    else:  # grid (token block, vocab block)
+        i, j = pl.program_id(0), pl.program_id(1)
+        last = pl.num_programs(1) - 1
+        inner = j
+
+    @pl.when(inner == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    row_ok, cols, col_ok = _iotas(i, j, bn, bv, n_rows, vocab)
+    x, w, z, zr = _tiles(x_ref, w_ref, xr_ref, wr_ref, row_ok, col_ok, opts)
+    dr = xla.tile_dlogits(z, zr, row_ok & col_ok, cols, rg, opts)
+    dr = dr.astype(jnp.result_type(x.dtype, w.dtype))
+    if for_weight:
+        acc_ref[...] += lax.dot_general(x, dr, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    else:
+        acc_ref[...] += lax.dot_general(dr, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+    @pl.when(inner == last)
+    def _write():
+        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+
+
+def backward(
+    h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *,
+    block_n=None, block_v=None, interpret=False, vmem_limit_bytes=None,
+):
+    n, d = h.shape
+    vocab = w.shape[1]
+    bn = _block(block_n, 256, n, 16)
+    bv = _block(block_v, 256, vocab, 128)
+    nb, nvb = pl.cdiv(n, bn), pl.cdiv(vocab, bv)
+    n_pad = nb * bn
+    shares_x = hr is None
+    present = tuple(f for f in _RG_FIELDS if getattr(rg, f) is not None)
+    rg_args = [
+        _pad_col(getattr(rg, f)[:, 0], n_pad, -1 if f in ("targets", "sidx") else 0) for f in present
+    ]
+
+    def call(for_weight):
+        # index maps take (i, j) = (token block, vocab block) in both grids
+        wrap = (lambda f: (lambda a, b: f(b, a))) if for_weight else (lambda f: f)
+        args = [h, w]
+        specs = [
+            pl.BlockSpec((bn, d), wrap(lambda i, j: (i, 0))),
+            pl.BlockSpec((d, bv), wrap(lambda i, j: (0, j))),
+        ]
+        if opts.with_kl:
+            if not shares_x:
+                args.append(hr)
+                specs.append(pl.BlockSpec((bn, hr.shape[1]), wrap(lambda i, j: (i, 0))))
+            args.append(wr)
+            specs.append(pl.BlockSpec((wr.shape[0], bv), wrap(lambda i, j: (0, j))))
+        args += rg_args
+        specs += [pl.BlockSpec((bn, 1), wrap(lambda i, j: (i, 0))) for _ in rg_args]
+        if for_weight:
+            out_spec = pl.BlockSpec((d, bv), wrap(lambda i, j: (0, j)))
+            out_shape = jax.ShapeDtypeStruct(w.shape, w.dtype)
+            scratch = pltpu.VMEM((d, bv), jnp.float32)
+            grid = (nvb, nb)
+        else:
+            out_spec = pl.BlockSpec((bn, d), wrap(lambda i, j: (i, 0)))
+            out_shape = jax.ShapeDtypeStruct(h.shape, h.dtype)
+            scratch = pltpu.VMEM((bn, d), jnp.float32)
+            grid = (nb, nvb)
+        kernel = functools.partial(
+            _bwd_kernel, n_rows=n, vocab=vocab, bn=bn, bv=bv, shares_x=shares_x,
+            rg_present=present, for_weight=for_weight, opts=opts,
+        )
+        return pl.pallas_call(
+            kernel,
+            grid=grid,
+            in_specs=specs,
+            out_specs=out_spec,
+            out_shape=out_shape,
+            scratch_shapes=[scratch],
+            compiler_params=_params(("parallel", "arbitrary"), vmem_limit_bytes),
+            interpret=interpret,
+            name="lm_head_dweight_tpu" if for_weight else "lm_head_dhidden_tpu",
+        )(*args)
+
+    return call(False), call(True)

@@ -1,0 +1,79 @@
+"""Objectives: per-token losses from LM-head statistics, and shared normalization.
+
+An objective is ``token_loss(stats, batch, config) -> [B,T]``: the loss of each token before
+masking and normalization. ``stats`` are the fused LM-head kernel's per-token statistics
+(:class:`curriculax.kernels.LMHeadStats`, reshaped to ``[B,T]``), so every objective gets the
+memory-light loss path without materializing ``[tokens, vocab]`` logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from curriculax.kernels import fused_lm_head
+
+NORMALIZATIONS = ("token", "sequence", "batch", "constant")
+
+
+class Objective(NamedTuple):
+    token_loss: Callable[[Any, Any, Any], jax.Array]
+    # Extra statistics the kernel must compute for this objective (e.g. "kl", "sample").
+    needs: tuple[str, ...] = ()
+
+
+_REGISTRY: dict[str, Objective] = {}
+
+
+def register(name: str, objective: Objective) -> Objective:
+    if name in _REGISTRY:
+        raise ValueError(f"Objective {name!r} is already registered.")
+    _REGISTRY[name] = objective
+    return objective
+
+
+def get(name: str) -> Objective:
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown objective.name={name!r}; registered objectives: {sorted(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def lm_head_stats(hidden_BxTxd, weight_dxV, targets_BxT, mask_BxT, **kernel_kwargs):
+    """Runs the fused LM-head kernel on ``[B,T]`` tokens and returns ``[B,T]`` statistics."""
+    b, t, d = hidden_BxTxd.shape
+    stats = fused_lm_head(hidden_BxTxd.reshape(b * t, d), weight_dxV, targets_BxT.reshape(b * t),
+                          where=mask_BxT.reshape(b * t), **kernel_kwargs)
+    return jax.tree.map(lambda x: x.reshape(b, t), stats)
+
+
+def normalizer(mask_BxT, mode: str) -> jax.Array:
+    """The denominator of the batch loss; computed on the *whole* batch so that gradient
+    accumulation over micro-batches gives exactly the full-batch gradient."""
+    mask = mask_BxT.astype(jnp.float32)
+    if mode == "token":
+        return jnp.maximum(mask.sum(), 1.0)
+    if mode in ("sequence", "batch"):
+        return jnp.asarray(mask.shape[0], jnp.float32)
+    if mode == "constant":
+        return jnp.asarray(mask.size, jnp.float32)
+    raise ValueError(f"objective.normalization={mode!r}: choose one of {NORMALIZATIONS}.")
+
+
+def reduce_loss(token_loss_BxT, mask_BxT, weights_B, denominator, mode: str) -> jax.Array:
+    """Sums the masked, example-weighted token losses and divides by ``denominator``.
+
+    ``sequence`` first averages each row over its own tokens (every example counts equally);
+    the other modes sum tokens (``token``: mean over the batch's tokens, ``batch``: sum per
+    example, ``constant``: divide by ``B*T`` as in Dr. GRPO).
+    """
+    mask = mask_BxT.astype(jnp.float32)
+    per_row = jnp.sum(token_loss_BxT * mask, axis=-1)
+    if mode == "sequence":
+        per_row = per_row / jnp.maximum(mask.sum(-1), 1.0)
+    return jnp.sum(per_row * weights_B) / denominator

@@ -1,0 +1,155 @@
+"""Default experiment configuration (ml_collections) and its validation.
+
+Every experiment file in ``configs/`` starts from :func:`default_config` and overrides fields;
+command-line overrides (``--config.steps=200``) may only touch existing keys, so a typo fails
+with a message naming the key instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from curriculax.models.config import ModelConfig
+from curriculax.sharding import DEFAULT_RULES
+
+
+def model_fields(model: ModelConfig) -> dict:
+    d = dataclasses.asdict(model)
+    d["rope_scaling"] = d["rope_scaling"] or {}
+    return d
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.steps = 1000  # schedules (LR, pacing) are planned for this many steps
+    c.stop_at = 0  # > 0: stop after this step as a preemption would (checkpoint, then exit)
+    c.batch_size = 32  # global examples per optimizer step
+    c.grad_accum = 1  # micro-batches per step (batch_size must divide evenly)
+    c.steps_per_dispatch = 1  # train steps fused into one jitted lax.scan
+
+    # Model: `hf_path` loads a Hugging Face checkpoint; otherwise the fields below build one.
+    c.model = ml_collections.ConfigDict(model_fields(ModelConfig.tiny()))
+    c.model.hf_path = ""
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "arithmetic"  # arithmetic | countdown | gsm8k | math | jsonl | tfds
+    c.data.path = ""  # file (gsm8k, math, jsonl) or TFDS data_dir (tfds)
+    c.data.eval_path = ""  # held-out file; empty: split `num_eval` records off the training set
+    c.data.num_train = 2000  # synthetic sources: how many records; files: a limit (0 = all)
+    c.data.num_eval = 128
+    c.data.min_difficulty = 1
+    c.data.max_difficulty = 8
+    c.data.eval_min_difficulty = 1
+    c.data.eval_max_difficulty = 8
+    c.data.max_value = 100  # synthetic arithmetic operand bound
+    c.data.tokenizer = "byte"  # "byte" or a local HF tokenizer directory / tokenizer.json
+    c.data.template = "plain"  # plain | chat
+    c.data.seq_len = 128
+    c.data.overflow = "truncate"  # truncate | drop
+
+    c.curriculum = ml_collections.ConfigDict()
+    c.curriculum.name = "uniform"
+
+    # Input-side transforms applied in-step, in order (names from curriculax.transforms);
+    # `transform_config.<name>` holds each one's settings (module defaults when absent).
+    c.transforms = ()
+    c.transform_config = ml_collections.ConfigDict()
+
+    c.objective = ml_collections.ConfigDict()
+    c.objective.name = "sft"
+    c.objective.normalization = "token"  # token | sequence | batch | constant
+    c.objective.impl = "auto"  # fused LM-head kernel: auto | xla_chunked | xla_naive | pallas_*
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 1e-3
+    c.optimizer.warmup_steps = 50
+    c.optimizer.end_lr_factor = 0.1  # cosine decay to lr * end_lr_factor at `steps`
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.grad_clip = 1.0
+
+    # Mesh axis sizes; one may be -1 to absorb the rest. num_devices=0 uses every device.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
+    c.sharding_rules = tuple((k, v) for k, v in DEFAULT_RULES)
+
+    c.log_every = 10
+    c.eval_every = 200
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 3
+    c.async_checkpoints = True
+    c.plots = True
+    c.progress_bar = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 64
+    c.eval.max_new_tokens = 64
+
+    c.required_fields = ()  # dotted names a config file requires to be set (non-empty)
+    return c
+
+
+def quickstart_config() -> ml_collections.ConfigDict:
+    """A small byte-level model learning 1-2 step arithmetic on 2 CPU cores in minutes."""
+    c = default_config()
+    c.steps = 300
+    c.batch_size = 32
+    c.model.update(model_fields(ModelConfig.tiny(
+        hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
+        head_dim=32, max_seq_len=160)))
+    c.data.num_train = 4000
+    c.data.num_eval = 128
+    c.data.max_difficulty = 2
+    c.data.eval_max_difficulty = 2
+    c.data.seq_len = 160
+    c.optimizer.lr = 3e-3
+    c.optimizer.warmup_steps = 30
+    c.eval_every = 100
+    c.checkpoint_every = 100
+    c.eval.max_new_tokens = 40
+    return c
+
+
+def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
+    fields = {k: v for k, v in c.model.items() if k != "hf_path"}
+    fields["rope_scaling"] = dict(fields["rope_scaling"]) or None
+    return ModelConfig.from_dict(fields)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Cross-field checks; each error names the field and the fix."""
+    for name in c.required_fields:
+        value = c
+        for part in name.split("."):
+            value = value[part]
+        if value in ("", None):
+            raise ValueError(f"config.{name} is required by this config: pass --config.{name}=...")
+    if c.steps <= 0:
+        raise ValueError(f"config.steps={c.steps} must be positive.")
+    if c.batch_size % c.grad_accum:
+        raise ValueError(
+            f"config.batch_size={c.batch_size} must be divisible by config.grad_accum={c.grad_accum}."
+        )
+    if c.stop_at < 0 or c.stop_at > c.steps:
+        raise ValueError(f"config.stop_at={c.stop_at} must be in [0, steps={c.steps}] (0 = no stop).")
+    for name in ("log_every", "eval_every", "checkpoint_every", "steps_per_dispatch"):
+        if c[name] <= 0:
+            raise ValueError(f"config.{name}={c[name]} must be positive.")
+    for name in ("log_every", "eval_every", "checkpoint_every"):
+        if c[name] % c.steps_per_dispatch:
+            raise ValueError(
+                f"config.{name}={c[name]} must be a multiple of config.steps_per_dispatch="
+                f"{c.steps_per_dispatch} (actions run between dispatches)."
+            )
+
+
+def get_config(name: str = "default") -> ml_collections.ConfigDict:
+    """Entry point for ``--config=.../config.py:NAME`` (absl ``config_flags``)."""
+    builders = {"default": default_config, "quickstart": quickstart_config}
+    if name not in builders:
+        raise ValueError(f"Unknown built-in config {name!r}; choose one of {sorted(builders)}.")
+    return builders[name]()

@@ -1,0 +1,138 @@
+"""The training loop: restore → jitted steps → periodic log / eval / checkpoint / plots.
+
+The host only dispatches steps and writes logs. Metrics of a dispatch are fetched after the
+*next* dispatch is queued, so the devices never wait for Python. SIGTERM (preemption) and
+``config.stop_at`` both end the run with a checkpoint; rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pathlib
+import signal
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from curriculax import eval as eval_lib
+from curriculax.train import checkpoint, plots, setup
+from curriculax.train.metrics import MetricWriter
+from curriculax.train.step import jit_steps
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _preemption_flag():
+    """Yields a dict whose ``"stop"`` turns True on SIGTERM (main thread only)."""
+    flag = {"stop": False}
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: flag.update(stop=True))
+    except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+        previous = None
+    try:
+        yield flag
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def evaluate(exp: setup.Experiment, params) -> dict[str, float]:
+    model = nnx.merge(exp.graphdef, params)
+    e = exp.config.eval
+    out = eval_lib.evaluate(model, exp.eval_data, exp.tokenizer, batch_size=e.batch_size,
+                            max_new_tokens=e.max_new_tokens)
+    return {f"eval/{k}": v for k, v in out.items()}
+
+
+def train(cfg, workdir) -> dict:
+    """Trains per ``cfg`` in ``workdir``; returns the last logged train and eval metrics."""
+    workdir = pathlib.Path(workdir)
+    lead = jax.process_index() == 0
+    exp = setup.build(cfg)
+    if lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    mngr = checkpoint.manager(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
+    if mngr.latest_step() is not None:
+        state, _ = checkpoint.restore(mngr, exp.abstract_state, exp.state_shardings)
+        log.info("restored checkpoint at step %d from %s", int(state.step), workdir)
+    else:
+        state = exp.init_state()
+    step = int(state.step)
+    stop = cfg.stop_at or cfg.steps
+    train_step = exp.train_step()
+    compiled = {}
+    tokens_per_step = cfg.batch_size * cfg.data.seq_len
+    writer = MetricWriter(workdir) if lead else None
+    last: dict = {}
+    info = {"bank": {"examples": len(exp.train_data), "truncated": exp.train_data.info.num_truncated,
+                     "dropped": exp.train_data.info.num_dropped}}
+
+    def log_metrics(at_step, metrics, seconds, steps_done):
+        host = {k: np.asarray(v)[-1] for k, v in jax.device_get(metrics).items()}
+        host["tokens_per_s"] = tokens_per_step * steps_done / max(seconds, 1e-9)
+        last.update(host)
+        if writer:
+            writer.write(at_step, host)
+        return host
+
+    def actions(at_step, force=False):
+        if at_step % cfg.eval_every == 0 or at_step == cfg.steps or force:
+            result = evaluate(exp, state.params)
+            last.update(result)
+            if writer:
+                writer.write(at_step, result)
+                if cfg.plots:
+                    plots.draw(workdir)
+        if at_step % cfg.checkpoint_every == 0 or at_step == stop or force:
+            checkpoint.save(mngr, at_step, state, {"step": at_step, **info})
+
+    bar = tqdm(total=stop, initial=step, disable=not (lead and cfg.progress_bar),
+               desc="train", dynamic_ncols=True)
+    pending = None  # (step, metrics on device, wall time at dispatch, steps since last log)
+    t_log, steps_since = time.perf_counter(), 0
+    with _preemption_flag() as preempt:
+        while step < stop and not preempt["stop"]:
+            k = min(cfg.steps_per_dispatch, stop - step)
+            if k not in compiled:
+                compiled[k] = jit_steps(train_step, k, exp.state_shardings, exp.bank_shardings)
+            state, metrics = compiled[k](state, exp.bank)
+            step += k
+            steps_since += k
+            if pending is not None:  # fetched only now: the next dispatch is already queued
+                host = log_metrics(*pending)
+                bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{host['tokens_per_s']:.0f}")
+                pending = None
+            if step % cfg.log_every == 0 or step == stop:
+                now = time.perf_counter()
+                pending = (step, metrics, now - t_log, steps_since)
+                t_log, steps_since = now, 0
+            bar.update(k)
+            if step % cfg.eval_every == 0 or step % cfg.checkpoint_every == 0 or step == stop:
+                if pending is not None:
+                    log_metrics(*pending)
+                    pending = None
+                actions(step)
+        if pending is not None:
+            log_metrics(*pending)
+        if preempt["stop"] and step < stop:
+            log.warning("SIGTERM: checkpointing step %d before exit", step)
+            checkpoint.save(mngr, step, state, {"step": step, **info})
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    if writer:
+        writer.close()
+        if cfg.plots:
+            plots.draw(workdir)
+    last["step"] = step
+    last["workdir"] = str(workdir)
+    if lead:
+        (workdir / "summary.json").write_text(json.dumps(last, indent=2, default=float))
+    return last

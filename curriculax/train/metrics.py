@@ -1,0 +1,48 @@
+"""Metric sinks: ``metrics.jsonl`` (one record per logged step) and TensorBoard events."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+
+def to_python(value):
+    arr = np.asarray(value)
+    return arr.item() if arr.ndim == 0 else arr.tolist()
+
+
+class MetricWriter:
+    """Appends to ``workdir/metrics.jsonl`` and TensorBoard; only process 0 should own one."""
+
+    def __init__(self, workdir, *, tensorboard: bool = True):
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        record = {"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read(workdir) -> list[dict]:
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,177 @@
+"""Builds an experiment from config: mesh, data, model, optimizer, curriculum and sharded state.
+
+State is built the nanodo way: ``jax.eval_shape`` gives the abstract state, shardings come from
+the parameters' logical axes, and ``jax.jit(init, out_shardings=...)`` materializes every
+buffer directly where it belongs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from curriculax import curriculum as curricula
+from curriculax import objectives, sharding
+from curriculax.data.bank import Bank, ExampleBank
+from curriculax.data.sources import load_records
+from curriculax.data.tokenizer import load_tokenizer
+from curriculax.models import ModelConfig, Transformer
+from curriculax.train import config as config_lib
+from curriculax.train.optim import make_optimizer, schedule
+from curriculax.train.state import TrainState
+from curriculax.train.step import make_train_step
+
+
+@dataclasses.dataclass
+class Experiment:
+    config: Any
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    tokenizer: Any
+    train_data: ExampleBank
+    eval_data: ExampleBank
+    bank: Bank  # on device, sharded along examples
+    model_config: ModelConfig
+    graphdef: Any
+    optimizer: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    curriculum: curricula.Curriculum
+    objective: objectives.Objective
+    abstract_state: TrainState
+    state_shardings: TrainState
+    bank_shardings: Bank
+    _init_params: Any = None
+
+    def init_state(self) -> TrainState:
+        """A fresh state, created directly in its sharded layout."""
+        cfg = self.config
+        meta = self.bank.meta()
+        init_params = self._init_params
+
+        def init(rng, params_in):
+            params = params_in if params_in is not None else _random_params(
+                self.model_config, rng)
+            return TrainState(
+                step=jnp.zeros((), jnp.int32), rng=jax.random.fold_in(rng, 1), params=params,
+                opt_state=self.optimizer.init(params),
+                curriculum=self.curriculum.init(cfg.curriculum, meta),
+                ref_params=params if _needs_ref(self.objective) else None,
+            )
+
+        rng = jax.random.PRNGKey(cfg.seed)
+        return jax.jit(init, out_shardings=self.state_shardings)(rng, init_params)
+
+    def train_step(self):
+        return make_train_step(graphdef=self.graphdef, curriculum=self.curriculum,
+                               objective=self.objective, optimizer=self.optimizer,
+                               lr_schedule=self.lr_schedule, config=self.config,
+                               mesh=self.mesh, rules=self.rules)
+
+
+def _random_params(model_config: ModelConfig, rng):
+    model = Transformer(model_config, rngs=nnx.Rngs(params=rng))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _rules(cfg) -> tuple:
+    return tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.sharding_rules)
+
+
+def build(cfg) -> Experiment:
+    config_lib.validate(cfg)
+    m = cfg.mesh
+    devices = jax.devices()[: m.num_devices] if m.num_devices else None
+    mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+    rules = _rules(cfg)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    train_records, eval_records = load_records(cfg.data, cfg.seed)
+    d = cfg.data
+    build_kw = dict(seq_len=d.seq_len, template=d.template, overflow=d.overflow)
+    train_data = ExampleBank.build(train_records, tokenizer, **build_kw)
+    eval_data = ExampleBank.build(eval_records, tokenizer, **build_kw,
+                                  category_names=_merged_categories(train_records, eval_records,
+                                                                    train_data))
+
+    init_params = None
+    if cfg.model.hf_path:
+        from curriculax.models import hf
+
+        model, model_config = hf.load_hf(cfg.model.hf_path)
+        init_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    else:
+        model_config = config_lib.model_config(cfg)
+    if model_config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"config.model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} tokens: raise it or use a matching tokenizer."
+        )
+    abstract_model = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params_state = nnx.split(abstract_model, nnx.Param)
+    param_axes = sharding.logical_axes(abstract_params_state)
+
+    example_sharding = sharding.named_sharding(
+        mesh, (len(train_data),), ("examples",), rules)
+    bank_shardings = jax.tree.map(
+        lambda x: NamedSharding(mesh, P(example_sharding.spec[0], *([None] * (x.ndim - 1)))),
+        train_data.bank)
+    bank = jax.device_put(train_data.bank, bank_shardings)
+
+    optimizer = make_optimizer(cfg.optimizer, cfg.steps)
+    lr_schedule = schedule(cfg.optimizer, cfg.steps)
+    curriculum = curricula.get(cfg.curriculum.name)
+    objective = objectives.get(cfg.objective.name)
+
+    exp = Experiment(cfg, mesh, rules, tokenizer, train_data, eval_data, bank, model_config,
+                     graphdef, optimizer, lr_schedule, curriculum, objective, None, None,
+                     bank_shardings, init_params)
+    abstract = jax.eval_shape(
+        lambda: _abstract_state(exp, abstract_params_state))
+    exp.abstract_state = abstract
+    exp.state_shardings = _state_shardings(abstract, param_axes, mesh, rules, optimizer,
+                                           example_sharding, len(train_data))
+    return exp
+
+
+def _abstract_state(exp: Experiment, abstract_params_state):
+    params = nnx.to_pure_dict(abstract_params_state)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0), params=params,
+        opt_state=exp.optimizer.init(params),
+        curriculum=exp.curriculum.init(exp.config.curriculum, exp.bank.meta()),
+        ref_params=params if _needs_ref(exp.objective) else None,
+    )
+
+
+def _needs_ref(objective) -> bool:
+    """The frozen reference is the starting model, kept only when the objective reads it."""
+    return "ref" in objective.needs
+
+
+def _state_shardings(abstract: TrainState, param_axes, mesh, rules, optimizer, example_sharding,
+                     num_examples):
+    params = sharding.tree_shardings(abstract.params, param_axes, mesh, rules)
+    replicated = sharding.replicated(mesh)
+    opt_state = optax.tree_map_params(
+        optimizer, lambda _, s: s, abstract.opt_state, params,
+        transform_non_params=lambda _: replicated)
+
+    def curriculum_leaf(x):
+        # Per-example state (tracked losses, counts) is laid out like the bank's rows.
+        if x.ndim >= 1 and x.shape[0] == num_examples:
+            return NamedSharding(mesh, P(example_sharding.spec[0], *([None] * (x.ndim - 1))))
+        return replicated
+
+    return TrainState(step=replicated, rng=replicated, params=params, opt_state=opt_state,
+                      curriculum=jax.tree.map(curriculum_leaf, abstract.curriculum),
+                      ref_params=None if abstract.ref_params is None else params)
+
+
+def _merged_categories(train_records, eval_records, train_data: ExampleBank):
+    extra = sorted({r["category"] for r in eval_records} - set(train_data.info.category_names))
+    return train_data.info.category_names + tuple(extra)

@@ -1,0 +1,144 @@
+"""The train step: curriculum sample → gather → transforms → loss → optax update → feedback.
+
+Everything happens inside one ``jax.jit``: the curriculum draws bank rows on the devices, input
+transforms rewrite the batch, the objective runs through the fused LM-head kernel, and
+per-example feedback updates the curriculum state before the step returns. Nothing crosses
+to the host but the metrics.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from curriculax import objectives, transforms
+from curriculax.curriculum.base import Feedback
+from curriculax.sharding import named_sharding
+from curriculax.train.state import TrainState
+
+
+def example_stats(stats, mask_BxT):
+    """Per-example mean token NLL and argmax accuracy over the loss mask."""
+    mask = mask_BxT.astype(jnp.float32)
+    n = jnp.maximum(mask.sum(-1), 1.0)
+    loss = jnp.sum(-stats.target_logprob * mask, -1) / n
+    correct = (stats.target_logprob >= stats.max_logprob).astype(jnp.float32)
+    return loss, jnp.sum(correct * mask, -1) / n
+
+
+def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, config,
+                    mesh=None, rules=()):
+    """Returns ``train_step(state, bank) -> (state, metrics)``, pure and jit-able."""
+    batch_size, accum = config.batch_size, config.grad_accum
+    mode = config.objective.normalization
+    impl = config.objective.impl
+    transform_fns = [(name, transforms.get(name)) for name in config.transforms]
+
+    def constrain_batch(tree):
+        if mesh is None:
+            return tree
+
+        def one(x):
+            axes = ("batch",) + (None,) * (x.ndim - 1)
+            return jax.lax.with_sharding_constraint(x, named_sharding(mesh, x.shape, axes, rules))
+        return jax.tree.map(one, tree)
+
+    def head_stats(params, ref_params, batch, rng):
+        """Fused LM-head statistics, with the extras the objective asked for."""
+        model = nnx.merge(graphdef, params)
+        hidden = model(batch.tokens)
+        extra = {}
+        if "ref" in objective.needs:  # frozen reference head for KL anchors
+            ref = nnx.merge(graphdef, jax.lax.stop_gradient(ref_params))
+            extra.update(ref_hidden=ref(batch.tokens), ref_weight=ref.lm_head_weight())
+        if "sample" in objective.needs:  # in-kernel Gumbel-max sampling (OTR)
+            extra.update(sample_rng=rng)
+        return objectives.lm_head_stats(hidden, model.lm_head_weight(), batch.targets,
+                                        batch.loss_mask, impl=impl, **extra)
+
+    def micro_loss(params, ref_params, batch, weights, rng, denominator):
+        stats = head_stats(params, ref_params, batch, rng)
+        token_loss = objective.token_loss(stats, batch, config.objective)
+        loss = objectives.reduce_loss(token_loss, batch.loss_mask, weights, denominator, mode)
+        return loss, example_stats(stats, batch.loss_mask)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def gradients(state, batch, weights, rng):
+        denominator = objectives.normalizer(batch.loss_mask, mode)
+        if accum == 1:
+            return grad_fn(state.params, state.ref_params, batch, weights, rng, denominator)
+        split = lambda x: x.reshape(accum, batch_size // accum, *x.shape[1:])  # noqa: E731
+        micro = jax.tree.map(split, (batch, weights))
+        rngs = jax.random.split(rng, accum)
+
+        def body(grad_sum, xs):
+            (mb, w), r = xs
+            (loss, aux), grads = grad_fn(state.params, state.ref_params, mb, w, r, denominator)
+            return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, (losses, aux) = jax.lax.scan(body, zeros, (micro, rngs))
+        aux = jax.tree.map(lambda x: x.reshape(batch_size, *x.shape[2:]), aux)
+        return (losses.sum(), aux), grads
+
+    def apply_transforms(batch, rng, state, bank):
+        for i, (name, transform) in enumerate(transform_fns):
+            ctx = transforms.TransformContext(
+                step=state.step, total_steps=config.steps, curriculum=state.curriculum,
+                config=config.transform_config.get(name), mask_id=bank.info.mask_id,
+                pad_id=bank.info.pad_id)
+            batch = transform.apply(batch, jax.random.fold_in(rng, i), ctx)
+        return batch
+
+    def probe(state, rng, bank, meta):
+        if curriculum.probe is None:
+            return {}
+        idx = curriculum.probe(state.curriculum, rng, meta)
+        rows = bank.gather(idx)
+        stats = head_stats(state.params, state.ref_params, rows, rng)
+        loss, _ = example_stats(jax.lax.stop_gradient(stats), rows.loss_mask)
+        return {"probe_indices": idx, "probe_loss": loss}
+
+    def train_step(state: TrainState, bank):
+        rng, sample_rng, transform_rng, loss_rng, probe_rng = jax.random.split(state.rng, 5)
+        meta = bank.meta()
+        indices, weights = curriculum.sample(state.curriculum, sample_rng, meta, batch_size)
+        batch = constrain_batch(apply_transforms(bank.gather(indices), transform_rng, state, bank))
+        (loss, (ex_loss, ex_acc)), grads = gradients(state, batch, weights, loss_rng)
+        probed = probe(state, probe_rng, bank, meta)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        feedback = Feedback(indices=indices, loss=ex_loss, token_accuracy=ex_acc,
+                            category=batch.category, difficulty=batch.difficulty,
+                            weights=weights, step=state.step, **probed)
+        cur = curriculum.update(state.curriculum, feedback)
+        tokens = batch.loss_mask.sum()
+        metrics = {
+            "loss": loss,
+            "token_accuracy": jnp.sum(ex_acc * batch.loss_mask.sum(-1)) / jnp.maximum(tokens, 1),
+            "grad_norm": optax.global_norm(grads),
+            "lr": lr_schedule(state.step),
+            "loss_tokens": tokens,
+            **{f"curriculum/{k}": v for k, v in curriculum.summarize(cur).items()},
+        }
+        new_state = state.replace(step=state.step + 1, rng=rng, params=params,
+                                  opt_state=opt_state, curriculum=cur)
+        return new_state, metrics
+
+    return train_step
+
+
+def multi_step(train_step, num_steps: int):
+    """``num_steps`` train steps in one ``lax.scan``; metrics come back stacked ``[k]``."""
+    def run(state, bank):
+        return jax.lax.scan(lambda s, _: train_step(s, bank), state, None, length=num_steps)
+    return run
+
+
+def jit_steps(train_step, num_steps: int, state_shardings, bank_shardings):
+    """Jitted k-step function with explicit shardings; the state buffer is donated."""
+    return jax.jit(multi_step(train_step, num_steps), in_shardings=(state_shardings, bank_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))

@@ -1,0 +1,48 @@
+"""Input-side transforms: pure functions of ``(batch, rng, context)`` run inside the step.
+
+A transform rewrites the gathered batch before the forward pass (mask reasoning tokens, cut a
+response prefix, corrupt spans...). ``context`` carries what a schedule may depend on: the
+global step, the planned number of steps, the curriculum state and the transform's own config
+(``config.transform_config.<name>``, or ``None`` for the module defaults).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+from flax import struct
+
+
+@struct.dataclass
+class TransformContext:
+    step: jax.Array  # [] int32 global step
+    total_steps: int = struct.field(pytree_node=False)
+    curriculum: Any = None  # the curriculum's state (a transform may read e.g. a learned ratio)
+    config: Any = struct.field(pytree_node=False, default=None)
+    mask_id: int | None = struct.field(pytree_node=False, default=None)
+    pad_id: int = struct.field(pytree_node=False, default=0)
+
+
+class Transform(NamedTuple):
+    apply: Callable[[Any, jax.Array, TransformContext], Any]
+
+
+_REGISTRY: dict[str, Transform] = {}
+
+
+def register(name: str, transform: Transform) -> Transform:
+    if name in _REGISTRY:
+        raise ValueError(f"Transform {name!r} is already registered.")
+    _REGISTRY[name] = transform
+    return transform
+
+
+def get(name: str) -> Transform:
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown transform {name!r} in config.transforms; registered: {sorted(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,162 @@
+"""The training spine end to end: masking, accumulation, devices, resume, CLI, preemption."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from curriculax.train import build, checkpoint, metrics, quickstart_config
+from curriculax.train import train as train_loop
+from curriculax.train.step import jit_steps
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+TINY_FLAGS = {"steps": 8, "batch_size": 8, "data.num_train": 64, "data.num_eval": 8,
+              "data.max_difficulty": 1, "data.eval_max_difficulty": 1, "data.seq_len": 112,
+              "model.hidden_size": 64, "model.intermediate_size": 128, "model.num_layers": 2,
+              "model.head_dim": 16, "log_every": 1, "eval_every": 4, "checkpoint_every": 4,
+              "eval.batch_size": 8, "eval.max_new_tokens": 4, "progress_bar": False,
+              "mesh.num_devices": 1, "mesh.data": 1}
+
+
+def tiny_config(**over):
+    """The quickstart config shrunk by TINY_FLAGS, as the CLI tests pass them on the command line."""
+    c = quickstart_config()
+    for k, v in {**TINY_FLAGS, "plots": False, "async_checkpoints": False, **over}.items():
+        target = c
+        *path, last = k.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = v
+    return c
+
+
+def one_step(cfg, bank=None):
+    exp = build(cfg)
+    state = exp.init_state()
+    step = jit_steps(exp.train_step(), 1, exp.state_shardings, exp.bank_shardings)
+    return step(state, exp.bank if bank is None else bank), exp
+
+
+def test_loss_ignores_prompt_targets_but_not_response_targets():
+    cfg = tiny_config()
+    (_, m0), exp = one_step(cfg)
+    bank = exp.bank
+    prompt_pos = ~bank.loss_mask & (np.arange(bank.tokens.shape[1]) < bank.prompt_len[:, None])
+    changed_prompt = bank.replace(targets=np.where(prompt_pos, 7, bank.targets))
+    (_, m1), _ = one_step(cfg, changed_prompt)
+    np.testing.assert_array_equal(m0["loss"], m1["loss"])
+    changed_resp = bank.replace(targets=np.where(bank.loss_mask, 7, bank.targets))
+    (_, m2), _ = one_step(cfg, changed_resp)
+    assert abs(float(m2["loss"][0]) - float(m0["loss"][0])) > 1e-3
+
+
+def test_grad_accumulation_equals_full_batch():
+    (s1, m1), _ = one_step(tiny_config())
+    (s2, m2), _ = one_step(tiny_config(grad_accum=4))
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s1.params, s2.params)
+
+
+def _losses(workdir):
+    return np.array([r["loss"] for r in metrics.read(workdir) if "loss" in r])
+
+
+def test_one_device_vs_eight_devices_same_loss_curve(tmp_path):
+    assert len(jax.devices()) >= 8
+    kw = {"steps": 20, "eval_every": 20, "checkpoint_every": 20}
+    train_loop(tiny_config(**kw), tmp_path / "one")
+    train_loop(tiny_config(**kw, **{"mesh.num_devices": 8, "mesh.data": 2, "mesh.fsdp": 2,
+                                    "mesh.tensor": 2}), tmp_path / "eight")
+    one, eight = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
+    assert len(one) == len(eight) == 20
+    np.testing.assert_allclose(one, eight, rtol=1e-5, atol=1e-5)
+    assert one[-1] < one[0]  # it trains
+
+
+def _cli(*args, **popen):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, "-m", "curriculax.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _flags(cfg):
+    return [f"--config.{k}={v}" for k, v in cfg.items()]
+
+
+def _final_state(workdir, cfg):
+    exp = build(cfg)
+    mngr = checkpoint.manager(workdir, async_save=False)
+    state, _ = checkpoint.restore(mngr, exp.abstract_state, exp.state_shardings)
+    return jax.device_get(state)
+
+
+def test_exact_resume_after_process_exit(tmp_path):
+    """k steps in a process that exits (stop_at), then k more: bitwise equal to 2k straight."""
+    cfg_file = "configs/quickstart.py"
+    flags = _flags(TINY_FLAGS) + ["--config.plots=False"]
+    first = _cli("train", f"--config={cfg_file}", f"--workdir={tmp_path/'resumed'}", *flags,
+                 "--config.stop_at=3")
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out
+    assert [r["step"] for r in metrics.read(tmp_path / "resumed") if "loss" in r] == [1, 2, 3]
+    # The same command without stop_at resumes from step 3.
+    cfg = tiny_config()
+    train_loop(cfg, tmp_path / "resumed")
+    train_loop(cfg, tmp_path / "straight")
+    resumed, straight = _final_state(tmp_path / "resumed", cfg), _final_state(tmp_path / "straight", cfg)
+    assert int(resumed.step) == int(straight.step) == 8
+    for name in ("params", "opt_state", "curriculum", "rng"):
+        a, b = getattr(resumed, name), getattr(straight, name)
+        assert jax.tree.structure(a) == jax.tree.structure(b), name
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+    steps = [r["step"] for r in metrics.read(tmp_path / "resumed") if "loss" in r]
+    assert steps == list(range(1, 9))
+
+
+def test_cli_rejects_unknown_config_key(tmp_path):
+    proc = _cli("train", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
+                "--config.no_such_key=1")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "no_such_key" in out
+
+
+def test_sigterm_checkpoints_and_resumes(tmp_path):
+    flags = _flags({**TINY_FLAGS, "steps": 400, "eval_every": 400, "checkpoint_every": 400})
+    proc = _cli("train", "--config=configs/quickstart.py", f"--workdir={tmp_path}", *flags,
+                "--config.plots=False")
+    deadline = time.time() + 240
+    while time.time() < deadline and not any("loss" in r for r in metrics.read(tmp_path)):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    mngr = checkpoint.manager(tmp_path, async_save=False)
+    saved = mngr.latest_step()
+    assert saved is not None and 0 < saved < 400
+
+
+def test_quickstart_command_end_to_end(tmp_path):
+    proc = _cli("quickstart", f"--workdir={tmp_path}", *_flags(TINY_FLAGS))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "Quickstart finished at step 8" in out
+    records = metrics.read(tmp_path)
+    assert all("step" in r for r in records)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in records if "eval/accuracy" in r] == [4, 8]
+    assert (tmp_path / "training.png").stat().st_size > 0
+    assert (tmp_path / "curriculum.png").stat().st_size > 0
+    assert list((tmp_path / "tensorboard").iterdir())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["step"] == 8 and np.isfinite(summary["loss"])
