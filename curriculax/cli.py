@@ -8,10 +8,12 @@ quickstart config is used.
 from __future__ import annotations
 
 import json
-import logging
+import os
+import re
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from curriculax.train import config as config_lib
@@ -57,15 +59,33 @@ def main(argv):
     workdir = _WORKDIR.value or ("runs/quickstart" if command == "quickstart" else None)
     if workdir is None:
         raise app.UsageError(f"curriculax {command} needs --workdir=DIR.")
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    result = COMMANDS[command](_CONFIG.value, workdir)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        result = COMMANDS[command](_CONFIG.value, workdir)
+    except (ValueError, FileNotFoundError) as e:  # config and data errors: one clear line
+        if os.environ.get("CURRICULAX_DEBUG"):
+            raise
+        sys.exit(f"curriculax {command}: {e}\n(set CURRICULAX_DEBUG=1 for the traceback)")
     if command != "quickstart":
         json.dump(result, sys.stdout, indent=2, default=float)
         print()
 
 
+def _parse_flags(argv):
+    """absl parsing with one readable line for an unknown ``--config.<key>`` or a bad value."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        key = re.findall(r"'([^']+)'", str(e))
+        name = key[0] if key else str(e)
+        sys.exit(f"curriculax: unknown config key {name!r} in the command line; "
+                 f"check the spelling against the config file's fields.")
+    except flags.Error as e:
+        sys.exit(f"curriculax: {e}")
+
+
 def run():
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

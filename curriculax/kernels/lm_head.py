@@ -10,7 +10,8 @@ impl="auto", interpret=None) -> LMHeadStats``
 Statistics (float32 ``[N]``; see :mod:`curriculax.kernels.xla` for formulas):
 
 * ``target_logprob``  log p(target), ``lse`` logsumexp of the logits,
-  ``entropy`` -sum p log p -- always.
+  ``entropy`` -sum p log p, ``max_logprob`` log p of the argmax token (no
+  gradient; for accuracy) -- always.
 * ``kl_to_ref`` -- when ``ref_weight`` is given.  The reference head's logits
   are ``ref_hidden @ ref_weight`` (``ref_hidden`` defaults to ``hidden``), with
   the same softcap, and receive **no gradient**.  Direction:
@@ -72,7 +73,8 @@ from curriculax.kernels.xla import HeadOpts
 
 IMPLS = ("auto", "xla_naive", "xla_chunked", "pallas_gpu", "pallas_tpu")
 
-_STAT_FIELDS = ("target_logprob", "lse", "entropy", "kl_to_ref", "sampled_token", "sampled_logprob")
+_STAT_FIELDS = ("target_logprob", "lse", "entropy", "max_logprob", "kl_to_ref", "sampled_token",
+                "sampled_logprob")
 
 
 @flax.struct.dataclass
@@ -82,6 +84,9 @@ class LMHeadStats:
     target_logprob: jax.Array
     lse: jax.Array
     entropy: jax.Array
+    # log p of the most likely token: ``target_logprob >= max_logprob`` iff the target is the
+    # argmax (token accuracy). A metric: it carries no gradient in any implementation.
+    max_logprob: jax.Array
     kl_to_ref: Optional[jax.Array] = None
     sampled_token: Optional[jax.Array] = None
     sampled_logprob: Optional[jax.Array] = None

@@ -96,7 +96,7 @@ class ModelConfig:
     def small_50m(cls, **overrides) -> "ModelConfig":
         """~50M parameters (with a 32k vocabulary): the CPU benchmark size."""
         base = dict(
-            vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=8,
+            vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=10,
             num_heads=8, num_kv_heads=4, head_dim=64, rope_theta=10000.0,
             rms_norm_eps=1e-6, tie_embeddings=True, max_seq_len=1024,
         )

@@ -85,6 +85,7 @@ def _rules(cfg) -> tuple:
 
 def build(cfg) -> Experiment:
     config_lib.validate(cfg)
+    cfg = curricula.with_total_steps(cfg)  # curriculum.total_steps 0/absent -> cfg.steps
     m = cfg.mesh
     devices = jax.devices()[: m.num_devices] if m.num_devices else None
     mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)

@@ -35,6 +35,12 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
     mode = config.objective.normalization
     impl = config.objective.impl
     transform_fns = [(name, transforms.get(name)) for name in config.transforms]
+    # A transform may supply the trained pass's input embeddings (scheduled sampling).
+    embed_hooks = [(name, t.embed) for name, t in transform_fns if t.embed is not None]
+    if len(embed_hooks) > 1:
+        raise ValueError(f"config.transforms has several model-level transforms "
+                         f"{[name for name, _ in embed_hooks]}; at most one may set `embed`.")
+    kernel_options = objective.kernel_options(config.objective) if objective.kernel_options else {}
 
     def constrain_batch(tree):
         if mesh is None:
@@ -45,38 +51,49 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
             return jax.lax.with_sharding_constraint(x, named_sharding(mesh, x.shape, axes, rules))
         return jax.tree.map(one, tree)
 
-    def head_stats(params, ref_params, batch, rng):
+    def head_stats(params, ref_params, batch, rng, model_ctx=None):
         """Fused LM-head statistics, with the extras the objective asked for."""
         model = nnx.merge(graphdef, params)
-        hidden = model(batch.tokens)
-        extra = {}
+        if model_ctx is None:
+            hidden = model(batch.tokens)
+        else:  # the embed hook's inputs (e.g. scheduled sampling's gold/prediction mixup)
+            embeds = embed_hooks[0][1](model, batch, jax.random.fold_in(rng, 1), model_ctx)
+            hidden = model(batch.tokens, inputs_embeds=embeds)
+        extra = dict(kernel_options)
         if "ref" in objective.needs:  # frozen reference head for KL anchors
             ref = nnx.merge(graphdef, jax.lax.stop_gradient(ref_params))
             extra.update(ref_hidden=ref(batch.tokens), ref_weight=ref.lm_head_weight())
         if "sample" in objective.needs:  # in-kernel Gumbel-max sampling (OTR)
             extra.update(sample_rng=rng)
-        return objectives.lm_head_stats(hidden, model.lm_head_weight(), batch.targets,
-                                        batch.loss_mask, impl=impl, **extra)
+        stats = objectives.lm_head_stats(hidden, model.lm_head_weight(), batch.targets,
+                                         batch.loss_mask, impl=impl, **extra)
+        if "ref_logprob" in objective.needs and getattr(stats, "ref_target_logprob", None) is None:
+            ref_stats = objectives.lm_head_stats(extra["ref_hidden"], extra["ref_weight"],
+                                                 batch.targets, batch.loss_mask, impl=impl)
+            stats = objectives.attach(stats, ref_target_logprob=ref_stats.target_logprob)
+        return stats
 
-    def micro_loss(params, ref_params, batch, weights, rng, denominator):
-        stats = head_stats(params, ref_params, batch, rng)
+    def micro_loss(params, ref_params, batch, weights, rng, denominator, model_ctx=None):
+        stats = head_stats(params, ref_params, batch, rng, model_ctx)
         token_loss = objective.token_loss(stats, batch, config.objective)
         loss = objectives.reduce_loss(token_loss, batch.loss_mask, weights, denominator, mode)
         return loss, example_stats(stats, batch.loss_mask)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def gradients(state, batch, weights, rng):
+    def gradients(state, batch, weights, rng, model_ctx=None):
         denominator = objectives.normalizer(batch.loss_mask, mode)
         if accum == 1:
-            return grad_fn(state.params, state.ref_params, batch, weights, rng, denominator)
+            return grad_fn(state.params, state.ref_params, batch, weights, rng, denominator,
+                           model_ctx)
         split = lambda x: x.reshape(accum, batch_size // accum, *x.shape[1:])  # noqa: E731
         micro = jax.tree.map(split, (batch, weights))
         rngs = jax.random.split(rng, accum)
 
         def body(grad_sum, xs):
             (mb, w), r = xs
-            (loss, aux), grads = grad_fn(state.params, state.ref_params, mb, w, r, denominator)
+            (loss, aux), grads = grad_fn(state.params, state.ref_params, mb, w, r, denominator,
+                                         model_ctx)
             return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -107,7 +124,13 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
         meta = bank.meta()
         indices, weights = curriculum.sample(state.curriculum, sample_rng, meta, batch_size)
         batch = constrain_batch(apply_transforms(bank.gather(indices), transform_rng, state, bank))
-        (loss, (ex_loss, ex_acc)), grads = gradients(state, batch, weights, loss_rng)
+        model_ctx = None
+        if embed_hooks:
+            model_ctx = transforms.TransformContext(
+                step=state.step, total_steps=config.steps, curriculum=state.curriculum,
+                config=config.transform_config.get(embed_hooks[0][0]),
+                mask_id=bank.info.mask_id, pad_id=bank.info.pad_id)
+        (loss, (ex_loss, ex_acc)), grads = gradients(state, batch, weights, loss_rng, model_ctx)
         probed = probe(state, probe_rng, bank, meta)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -119,7 +142,7 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
         metrics = {
             "loss": loss,
             "token_accuracy": jnp.sum(ex_acc * batch.loss_mask.sum(-1)) / jnp.maximum(tokens, 1),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": lr_schedule(state.step),
             "loss_tokens": tokens,
             **{f"curriculum/{k}": v for k, v in curriculum.summarize(cur).items()},
