@@ -160,3 +160,25 @@ def test_quickstart_command_end_to_end(tmp_path):
     assert list((tmp_path / "tensorboard").iterdir())
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["step"] == 8 and np.isfinite(summary["loss"])
+
+
+def test_streaming_pools_same_structure_and_exact_resume(tmp_path):
+    cfg = tiny_config(**{"data.pool_size": 16, "steps_per_dispatch": 2, "steps": 6,
+                         "log_every": 2, "eval_every": 6, "checkpoint_every": 6})
+    exp = build(cfg)
+    resident = build(tiny_config()).bank
+    assert jax.tree.structure(exp.bank) == jax.tree.structure(resident)
+    for f in ("tokens", "targets", "loss_mask", "reasoning_mask", "category", "example_id"):
+        assert getattr(exp.bank, f).shape[1:] == getattr(resident, f).shape[1:]
+    assert exp.bank.tokens.shape[0] == 16
+    # Every category is present in a pool (stratified mixing).
+    assert set(np.asarray(exp.bank.category)) == set(range(len(exp.bank.info.category_names)))
+
+    cfg_stop = tiny_config(**{"data.pool_size": 16, "steps_per_dispatch": 2, "steps": 6,
+                              "log_every": 2, "eval_every": 6, "checkpoint_every": 6, "stop_at": 2})
+    train_loop(cfg_stop, tmp_path / "resumed")
+    train_loop(cfg, tmp_path / "resumed")
+    train_loop(cfg, tmp_path / "straight")
+    a, b = _final_state(tmp_path / "resumed", cfg), _final_state(tmp_path / "straight", cfg)
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    np.testing.assert_array_equal(_losses(tmp_path / "resumed")[-1], _losses(tmp_path / "straight")[-1])

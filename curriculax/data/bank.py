@@ -23,7 +23,6 @@ import dataclasses
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
@@ -86,7 +85,7 @@ class BankInfo:
 class ExampleBank:
     """Host-side bank: numpy rows plus the per-row strings (ids, answers) eval needs."""
 
-    bank: Bank  # numpy arrays until :meth:`to_device`
+    bank: Bank  # host numpy arrays; the trainer places them on the mesh
     ids: list[str]
     answers: list[str]
 
@@ -121,7 +120,7 @@ class ExampleBank:
         for rec in records:
             if rec["category"] not in cat_index:
                 raise ValueError(f"record {rec['id']!r} has category {rec['category']!r} not in {cats}.")
-            row = _tokenize(rec, tokenizer, template, add_bos)
+            row = tokenize_record(rec, tokenizer, template, add_bos)
             if len(row[0]) - 1 > seq_len:
                 if overflow == "drop" or row[2] >= seq_len:
                     dropped += 1
@@ -134,24 +133,13 @@ class ExampleBank:
             raise ValueError(
                 f"All {len(records)} records are longer than data.seq_len={seq_len}; raise it."
             )
-        arrays = _pack(rows, seq_len, tokenizer.pad_id)
+        arrays = pack_rows(rows, seq_len, tokenizer.pad_id)
         diffs = arrays["difficulty"]
         info = BankInfo(seq_len=seq_len, category_names=cats, difficulty_min=int(diffs.min()),
                         difficulty_max=int(diffs.max()), num_truncated=truncated,
                         num_dropped=dropped, pad_id=int(tokenizer.pad_id),
                         mask_id=getattr(tokenizer, "mask_id", None))
         return cls(Bank(**arrays, info=info), ids, answers)
-
-    def to_device(self, sharding=None) -> Bank:
-        """Puts the rows on the devices; ``sharding`` splits the example axis (dim 0)."""
-        if sharding is None:
-            return jax.tree.map(jnp.asarray, self.bank)
-
-        def put(x):
-            spec = jax.sharding.PartitionSpec(sharding.spec[0], *([None] * (x.ndim - 1)))
-            return jax.device_put(x, jax.sharding.NamedSharding(sharding.mesh, spec))
-
-        return jax.tree.map(put, self.bank)
 
     def prompts(self, indices: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded prompt tokens ``[N,P]`` and their mask, for decoding."""
@@ -174,7 +162,7 @@ def _split_response(response: str) -> tuple[str, str]:
     return response[:cut], response[cut:]
 
 
-def _tokenize(rec, tokenizer, template, add_bos):
+def tokenize_record(rec, tokenizer, template, add_bos):
     """Returns ``(ids, kinds, prompt_len)``; kind 0 = prompt, 1 = reasoning, 2 = answer/eos."""
     if template == "chat":
         prompt_text = tokenizer.apply_chat_template([{"role": "user", "content": rec["prompt"]}],
@@ -191,7 +179,8 @@ def _tokenize(rec, tokenizer, template, add_bos):
     return ids, kinds, len(prompt_ids)
 
 
-def _pack(rows, seq_len, pad_id) -> dict[str, np.ndarray]:
+def pack_rows(rows, seq_len, pad_id) -> dict[str, np.ndarray]:
+    """``[(tokenize_record output, category index, difficulty), ...]`` → fixed-length arrays."""
     n = len(rows)
     out = {
         "tokens": np.full((n, seq_len), pad_id, np.int32),

@@ -49,6 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.template = "plain"  # plain | chat
     c.data.seq_len = 128
     c.data.overflow = "truncate"  # truncate | drop
+    # > 0: stream candidate pools of this many rows with Grain instead of keeping the whole
+    # training set on the devices; the curriculum samples each batch from the current pool.
+    c.data.pool_size = 0
 
     c.curriculum = ml_collections.ConfigDict()
     c.curriculum.name = "uniform"

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from curriculax import eval as eval_lib
 from curriculax.train import checkpoint, plots, setup
 from curriculax.train.metrics import MetricWriter
-from curriculax.train.step import jit_steps
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +65,13 @@ def train(cfg, workdir) -> dict:
         state = exp.init_state()
     step = int(state.step)
     stop = cfg.stop_at or cfg.steps
-    train_step = exp.train_step()
     compiled = {}
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
     writer = MetricWriter(workdir) if lead else None
     last: dict = {}
-    info = {"bank": {"examples": len(exp.train_data), "truncated": exp.train_data.info.num_truncated,
-                     "dropped": exp.train_data.info.num_dropped}}
+    info = {} if exp.train_data is None else {"bank": {
+        "examples": len(exp.train_data), "truncated": exp.train_data.info.num_truncated,
+        "dropped": exp.train_data.info.num_dropped}}
 
     def log_metrics(at_step, metrics, seconds, steps_done):
         host = {k: np.asarray(v)[-1] for k, v in jax.device_get(metrics).items()}
@@ -98,12 +97,15 @@ def train(cfg, workdir) -> dict:
     pending = None  # (step, metrics on device, wall time at dispatch, steps since last log)
     t_log, steps_since = time.perf_counter(), 0
     with _preemption_flag() as preempt:
+        upcoming = exp.data_for(step, min(cfg.steps_per_dispatch, stop - step))
         while step < stop and not preempt["stop"]:
             k = min(cfg.steps_per_dispatch, stop - step)
             if k not in compiled:
-                compiled[k] = jit_steps(train_step, k, exp.state_shardings, exp.bank_shardings)
-            state, metrics = compiled[k](state, exp.bank)
+                compiled[k] = exp.step_fn(k)
+            state, metrics = compiled[k](state, upcoming)
             step += k
+            if step < stop:  # prepared while the devices run the dispatch above
+                upcoming = exp.data_for(step, min(cfg.steps_per_dispatch, stop - step))
             steps_since += k
             if pending is not None:  # fetched only now: the next dispatch is already queued
                 host = log_metrics(*pending)

@@ -19,13 +19,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from curriculax import curriculum as curricula
 from curriculax import objectives, sharding
 from curriculax.data.bank import Bank, ExampleBank
+from curriculax.data.pipeline import pool_at, pool_dataset, stacked_pools
 from curriculax.data.sources import load_records
 from curriculax.data.tokenizer import load_tokenizer
 from curriculax.models import ModelConfig, Transformer
 from curriculax.train import config as config_lib
 from curriculax.train.optim import make_optimizer, schedule
 from curriculax.train.state import TrainState
-from curriculax.train.step import make_train_step
+from curriculax.train.step import jit_steps, make_train_step
 
 
 @dataclasses.dataclass
@@ -34,9 +35,9 @@ class Experiment:
     mesh: jax.sharding.Mesh
     rules: tuple
     tokenizer: Any
-    train_data: ExampleBank
+    train_data: ExampleBank | None  # None when streaming pools
     eval_data: ExampleBank
-    bank: Bank  # on device, sharded along examples
+    bank: Bank  # on device, sharded along examples (the first pool when streaming)
     model_config: ModelConfig
     graphdef: Any
     optimizer: optax.GradientTransformation
@@ -46,7 +47,23 @@ class Experiment:
     abstract_state: TrainState
     state_shardings: TrainState
     bank_shardings: Bank
+    pools: Any = None  # grain.MapDataset of pools (data.pool_size > 0)
+    stream_shardings: Bank | None = None
     _init_params: Any = None
+
+    def data_for(self, step: int, count: int):
+        """What the jitted k-step function consumes for steps ``step .. step+count-1``."""
+        if self.pools is None:
+            return self.bank
+        return jax.device_put(stacked_pools(self.pools, self.bank.info, step, count),
+                              self.stream_shardings)
+
+    def step_fn(self, count: int):
+        """The jitted ``count``-step function for this experiment's data path."""
+        if self.pools is None:
+            return jit_steps(self.train_step(), count, self.state_shardings, self.bank_shardings)
+        return jit_steps(self.train_step(), count, self.state_shardings, self.stream_shardings,
+                         streaming=True)
 
     def init_state(self) -> TrainState:
         """A fresh state, created directly in its sharded layout."""
@@ -93,11 +110,18 @@ def build(cfg) -> Experiment:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     train_records, eval_records = load_records(cfg.data, cfg.seed)
     d = cfg.data
-    build_kw = dict(seq_len=d.seq_len, template=d.template, overflow=d.overflow)
-    train_data = ExampleBank.build(train_records, tokenizer, **build_kw)
-    eval_data = ExampleBank.build(eval_records, tokenizer, **build_kw,
-                                  category_names=_merged_categories(train_records, eval_records,
-                                                                    train_data))
+    build_kw = dict(seq_len=d.seq_len, template=d.template)
+    train_data = pools = None
+    if d.pool_size:  # streaming: tokenized lazily, one pool per step
+        pools, info = pool_dataset(train_records, tokenizer, pool_size=d.pool_size, seed=cfg.seed,
+                                   **build_kw)
+        host_bank = pool_at(pools, info, 0)
+    else:
+        train_data = ExampleBank.build(train_records, tokenizer, overflow=d.overflow, **build_kw)
+        host_bank = train_data.bank
+    eval_data = ExampleBank.build(eval_records, tokenizer, overflow=d.overflow, **build_kw,
+                                  category_names=_merged_categories(eval_records,
+                                                                    host_bank.info.category_names))
 
     init_params = None
     if cfg.model.hf_path:
@@ -116,12 +140,15 @@ def build(cfg) -> Experiment:
     graphdef, abstract_params_state = nnx.split(abstract_model, nnx.Param)
     param_axes = sharding.logical_axes(abstract_params_state)
 
-    example_sharding = sharding.named_sharding(
-        mesh, (len(train_data),), ("examples",), rules)
+    num_rows = host_bank.tokens.shape[0]
+    example_sharding = sharding.named_sharding(mesh, (num_rows,), ("examples",), rules)
+    rows_spec = example_sharding.spec[0]
     bank_shardings = jax.tree.map(
-        lambda x: NamedSharding(mesh, P(example_sharding.spec[0], *([None] * (x.ndim - 1)))),
-        train_data.bank)
-    bank = jax.device_put(train_data.bank, bank_shardings)
+        lambda x: NamedSharding(mesh, P(rows_spec, *([None] * (x.ndim - 1)))), host_bank)
+    bank = jax.device_put(host_bank, bank_shardings)
+    # Streaming feeds k pools per dispatch, stacked on a leading (unsharded) axis.
+    stream_shardings = None if pools is None else jax.tree.map(
+        lambda x: NamedSharding(mesh, P(None, rows_spec, *([None] * (x.ndim - 1)))), host_bank)
 
     optimizer = make_optimizer(cfg.optimizer, cfg.steps)
     lr_schedule = schedule(cfg.optimizer, cfg.steps)
@@ -130,12 +157,12 @@ def build(cfg) -> Experiment:
 
     exp = Experiment(cfg, mesh, rules, tokenizer, train_data, eval_data, bank, model_config,
                      graphdef, optimizer, lr_schedule, curriculum, objective, None, None,
-                     bank_shardings, init_params)
+                     bank_shardings, pools, stream_shardings, init_params)
     abstract = jax.eval_shape(
         lambda: _abstract_state(exp, abstract_params_state))
     exp.abstract_state = abstract
     exp.state_shardings = _state_shardings(abstract, param_axes, mesh, rules, optimizer,
-                                           example_sharding, len(train_data))
+                                           example_sharding, num_rows)
     return exp
 
 
@@ -173,6 +200,7 @@ def _state_shardings(abstract: TrainState, param_axes, mesh, rules, optimizer, e
                       ref_params=None if abstract.ref_params is None else params)
 
 
-def _merged_categories(train_records, eval_records, train_data: ExampleBank):
-    extra = sorted({r["category"] for r in eval_records} - set(train_data.info.category_names))
-    return train_data.info.category_names + tuple(extra)
+def _merged_categories(eval_records, train_categories: tuple[str, ...]) -> tuple[str, ...]:
+    """Training category indices first, so per-category results line up with the bank's."""
+    extra = sorted({r["category"] for r in eval_records} - set(train_categories))
+    return train_categories + tuple(extra)

@@ -154,14 +154,23 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
     return train_step
 
 
-def multi_step(train_step, num_steps: int):
-    """``num_steps`` train steps in one ``lax.scan``; metrics come back stacked ``[k]``."""
+def multi_step(train_step, num_steps: int, *, streaming: bool = False):
+    """``num_steps`` train steps in one ``lax.scan``; metrics come back stacked ``[k]``.
+
+    With ``streaming`` the second argument holds one pool per step stacked on a leading axis
+    (``[k, P, ...]``) and step ``i`` samples from pool ``i``; otherwise every step samples
+    from the same resident bank.
+    """
     def run(state, bank):
+        if streaming:
+            return jax.lax.scan(train_step, state, bank)
         return jax.lax.scan(lambda s, _: train_step(s, bank), state, None, length=num_steps)
     return run
 
 
-def jit_steps(train_step, num_steps: int, state_shardings, bank_shardings):
+def jit_steps(train_step, num_steps: int, state_shardings, bank_shardings, *,
+              streaming: bool = False):
     """Jitted k-step function with explicit shardings; the state buffer is donated."""
-    return jax.jit(multi_step(train_step, num_steps), in_shardings=(state_shardings, bank_shardings),
+    return jax.jit(multi_step(train_step, num_steps, streaming=streaming),
+                   in_shardings=(state_shardings, bank_shardings),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))

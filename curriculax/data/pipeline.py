@@ -1,0 +1,71 @@
+"""Streaming candidate pools with Grain, for fine-tuning sets larger than device memory.
+
+Instead of the whole bank, each step receives a *pool*: ``pool_size`` rows laid out exactly
+like :class:`~curriculax.data.bank.Bank` (same fields, same ``[P,T]`` shapes every step), and
+the curriculum samples the batch from the pool inside the jitted step. The step cannot tell
+the two paths apart.
+
+Pools are a Grain ``MapDataset`` with random access, ``pools[t]`` being the pool of step ``t``;
+resuming at step ``t`` therefore needs no iterator state beyond the step itself. Pools are
+stratified: each category is its own shuffled, repeated stream and the streams are mixed in
+equal proportion, so rare categories stay visible to category-level curricula (SEC, Skill-it).
+
+Curricula that keep per-row state (cyclical, self-paced) index it by row, which in a pool
+means "row of this pool"; use the resident bank for those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from curriculax.data.bank import TEMPLATES, Bank, BankInfo, pack_rows, tokenize_record
+
+
+def pool_dataset(records: Sequence[dict], tokenizer, *, seq_len: int, pool_size: int, seed: int,
+                 template: str = "plain", add_bos: bool = True,
+                 category_names: Sequence[str] | None = None) -> tuple[grain.MapDataset, BankInfo]:
+    """An infinite ``MapDataset`` of pools (dicts of ``[P,...]`` arrays) and their static info.
+
+    Rows longer than ``seq_len`` are truncated; a row whose prompt alone does not fit keeps an
+    empty loss mask (it contributes no loss) because a streamed pool cannot drop rows.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"data.template={template!r}: choose one of {TEMPLATES}.")
+    if pool_size <= 0:
+        raise ValueError(f"data.pool_size={pool_size} must be positive for streaming.")
+    cats = tuple(category_names or sorted({r["category"] for r in records}))
+    cat_index = {c: i for i, c in enumerate(cats)}
+    by_category = [[(i, r) for i, r in enumerate(records) if r["category"] == c] for c in cats]
+    streams = [grain.MapDataset.source(rows).shuffle(seed=seed + k).repeat()
+               for k, rows in enumerate(by_category) if rows]
+
+    def to_row(item):
+        index, rec = item
+        row = tokenize_record(rec, tokenizer, template, add_bos)
+        arrays = pack_rows([(row, cat_index[rec["category"]], int(rec["difficulty"]))], seq_len,
+                           tokenizer.pad_id)
+        arrays["example_id"][0] = index
+        if row[2] >= seq_len:  # prompt alone overflows: nothing left to learn from
+            arrays["loss_mask"][0] = False
+        return {k: v[0] for k, v in arrays.items()}
+
+    pools = grain.MapDataset.mix(streams).map(to_row).batch(pool_size, drop_remainder=True)
+    difficulties = [int(r["difficulty"]) for r in records]
+    info = BankInfo(seq_len=seq_len, category_names=cats, difficulty_min=min(difficulties),
+                    difficulty_max=max(difficulties), num_truncated=0, num_dropped=0,
+                    pad_id=int(tokenizer.pad_id), mask_id=getattr(tokenizer, "mask_id", None))
+    return pools, info
+
+
+def pool_at(pools: grain.MapDataset, info: BankInfo, step: int) -> Bank:
+    """The pool of global step ``step`` as a host :class:`Bank`."""
+    return Bank(**{k: np.asarray(v) for k, v in pools[step].items()}, info=info)
+
+
+def stacked_pools(pools: grain.MapDataset, info: BankInfo, start: int, count: int) -> Bank:
+    """Pools of steps ``start .. start+count-1`` stacked on a leading axis (for ``lax.scan``)."""
+    items = [pools[start + i] for i in range(count)]
+    return Bank(**{k: np.stack([it[k] for it in items]) for k in items[0]}, info=info)
