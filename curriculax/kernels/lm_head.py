@@ -53,7 +53,8 @@ Implementations (``IMPLS``):
 ==============  ==============================================================
 
 ``interpret``: run Pallas kernels through the Pallas interpreter (``None``:
-only when the default backend is CPU).  Block sizes default per impl;
+only when the default backend is CPU; ``pallas_tpu`` also accepts a
+``pltpu.InterpretParams`` for the TPU-faithful interpreter).  Block sizes default per impl;
 ``block_d`` is the inner hidden-dim chunk of ``pallas_gpu`` only, and
 ``block_n`` is ignored by the XLA impls (they process all rows per chunk).
 Temperature, softcap and block sizes are static (a change recompiles).
@@ -237,7 +238,9 @@ def fused_lm_head(
             xla.naive_stats(hidden, weight, ref_hidden, ref_weight, targets, valid, row_hash, opts), valid
         )
     else:
-        fn = _make_fused(impl, opts, block_n, block_v, block_d, bool(interpret))
+        if isinstance(interpret, (bool, int)):
+            interpret = bool(interpret)  # else e.g. a (hashable) pltpu.InterpretParams
+        fn = _make_fused(impl, opts, block_n, block_v, block_d, interpret)
         stats = fn(hidden, weight, ref_hidden, ref_weight, targets, valid, row_hash)
     if "sampled_token" in stats:
         stats["sampled_token"] = stats["sampled_token"].astype(jnp.int32)

@@ -21,8 +21,14 @@ rows / weight columns outside the array are zeroed with ``where`` before any
 matmul and masked columns are excluded from every statistic.  The per-tile math
 is :mod:`curriculax.kernels.xla`'s (shared with ``xla_chunked``).
 
-Status: validated in interpret mode on CPU only; it has not been compiled by
-Mosaic on a real TPU (see the module README in ``lm_head.py``).
+``interpret=True`` runs the kernels with Pallas' generic interpreter (fast);
+``interpret=pltpu.InterpretParams()`` uses the TPU interpreter, which simulates
+VMEM/HBM, DMAs and the grid semantics on CPU (~10x slower; one slow test).
+
+Status: validated in TPU interpret mode on CPU, and lowered to Mosaic MLIR via
+``jit(...).lower(lowering_platforms=("tpu",))`` (tests do both).  It has never
+been compiled by the Mosaic backend nor run on a real TPU: layout problems of the
+``[bn, 1]`` per-row blocks or of the int32 hash ops would only show up there.
 """
 
 from __future__ import annotations

@@ -1,0 +1,478 @@
+"""Fused LM-head loss: forward+backward time and extra memory, naive vs fused.
+
+    python experiments/bench_fused_loss.py --device=gpu --out experiments/results/fused_loss.md
+    python experiments/bench_fused_loss.py --device=cpu --out experiments/results/fused_loss.md
+
+What is timed: ``jax.value_and_grad`` w.r.t. (hidden, weight) of the mean token
+cross-entropy ``-mean(target_logprob)`` from ``fused_lm_head`` (bf16 inputs,
+fp32 accumulation), jitted, median of ``--iters`` runs after 2 warm-ups.  With
+``--all-stats`` a second objective also uses entropy, KL to a frozen reference
+head and Gumbel sampling (our implementations only; the references cannot).
+
+Memory: "extra" = XLA's compiled ``temp + output`` bytes (everything the step
+allocates beyond its inputs, gradients included), reported as a ratio to the
+``(N*d + V*d) * itemsize`` storage of (d_hidden, d_weight) -- the GPU target is
+<= 1.05.  For the PyTorch references: ``max_memory_allocated`` minus the inputs.
+
+References, each skipped with a note when not installed: Liger's
+``LigerFusedLinearCrossEntropyLoss``, Apple's CCE ``linear_cross_entropy``
+(both PyTorch, run in a subprocess so that JAX and torch don't share the GPU
+allocator) and tokamax's ``linear_softmax_cross_entropy_loss`` (JAX).
+
+On ``--device=gpu`` a correctness check of ``pallas_gpu`` (compiled, not
+interpreted) against ``xla_naive`` runs first (``--no-check`` skips it).
+On CPU the shapes are divided by ``--cpu-scale`` (default 8 for N and V, 4 for
+d) and Pallas (interpret mode only) is skipped; the table says so.
+The output file keeps one section per device: a CPU run does not erase the GPU
+section and vice versa.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+SHAPES = ((8192, 2048, 128256), (16384, 1536, 151936))  # Llama-3.2-1B, Qwen2.5-1.5B heads
+
+
+def _parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    ap.add_argument("--out", default=None, help="markdown file (section for this device is replaced)")
+    ap.add_argument("--shapes", default=None, help="comma list NxDxV (default: the issue's two shapes)")
+    ap.add_argument("--cpu-scale", default="8,4,8", help="divide N,d,V by these on CPU")
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--impls", default="xla_naive,xla_chunked,pallas")
+    ap.add_argument("--all-stats", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--pallas-blocks", default="128,128,64;64,256,32",
+                    help="GPU only: extra pallas_gpu CE rows for these 'block_n,block_v,block_d;...' (first shape)")
+    ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--sweep", action="store_true",
+                    help="GPU tuning: time pallas_gpu forward/backward block configs and xla_chunked chunk widths")
+    ap.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------
+# PyTorch references (subprocess)
+# ----------------------------------------------------------------------------
+
+
+def _torch_worker(spec: str) -> None:
+    """Run Liger / CCE on one shape; print one JSON line per reference."""
+    n, d, v, iters = (int(x) for x in spec.split("x"))
+    import torch
+
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    h = (torch.randn(n, d, device=dev, generator=g) / d**0.25).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(v, d, device=dev, generator=g) / d**0.25).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, v, (n,), device=dev, generator=g)
+
+    refs = {}
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(reduction="mean")
+        refs["liger (torch)"] = lambda: liger(w, h, t)
+    except Exception as e:  # noqa: BLE001
+        print(json.dumps({"impl": "liger (torch)", "error": f"not available: {type(e).__name__}: {e}"[:200]}))
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        refs["cce (torch)"] = lambda: linear_cross_entropy(h, w, t, reduction="mean")
+    except Exception as e:  # noqa: BLE001
+        print(json.dumps({"impl": "cce (torch)", "error": f"not available: {type(e).__name__}: {e}"[:200]}))
+
+    def naive():
+        return torch.nn.functional.cross_entropy((h @ w.T).float(), t)
+
+    refs["torch naive (eager)"] = naive
+    base = torch.cuda.memory_allocated()
+    for name, fn in refs.items():
+        try:
+            h.grad = w.grad = None
+            for _ in range(2):
+                fn().backward()
+                h.grad = w.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(iters):
+                h.grad = w.grad = None
+                t0 = time.perf_counter()
+                fn().backward()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            peak = torch.cuda.max_memory_allocated() - base
+            print(json.dumps({"impl": name, "ms": 1e3 * sorted(times)[len(times) // 2], "extra_bytes": peak}))
+        except Exception as e:  # noqa: BLE001
+            print(json.dumps({"impl": name, "error": f"{type(e).__name__}: {e}"[:200]}))
+        torch.cuda.empty_cache()
+
+
+def _run_torch_refs(n, d, v, iters):
+    try:
+        out = subprocess.run(
+            [sys.executable, __file__, f"--torch-worker={n}x{d}x{v}x{iters}"],
+            capture_output=True, text=True, timeout=240,
+        )
+    except Exception as e:  # noqa: BLE001
+        return [{"impl": "torch references", "error": f"{type(e).__name__}: {e}"[:200]}], None
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 and not rows:
+        rows = [{"impl": "torch references", "error": out.stderr.strip().splitlines()[-1][:200] if out.stderr else "failed"}]
+    version = None
+    try:
+        version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
+                                 capture_output=True, text=True, timeout=60).stdout.strip()
+    except Exception:  # noqa: BLE001
+        pass
+    return rows, version
+
+
+# ----------------------------------------------------------------------------
+# JAX side
+# ----------------------------------------------------------------------------
+
+
+def _jax_cases(jax, jnp, n, d, v, all_stats, impls, on_gpu, sweep=()):
+    from curriculax.kernels import fused_lm_head
+
+    cases = []
+    for bn, bv, bk in sweep:
+
+        def ce_blocks(h, w, t, bn=bn, bv=bv, bk=bk):
+            s = fused_lm_head(h, w, t, impl="pallas_gpu", interpret=False, block_n=bn, block_v=bv, block_d=bk)
+            return -jnp.mean(s.target_logprob)
+
+        cases.append((f"pallas_gpu[bn={bn},bv={bv},bd={bk}]", ce_blocks, None))
+    for impl in impls:
+        name = ("pallas_gpu" if on_gpu else None) if impl == "pallas" else impl
+        if name is None:
+            cases.append((impl, None, "skipped: Pallas runs on CPU only in interpret mode (not a benchmark)"))
+            continue
+
+        def ce(h, w, t, name=name):
+            s = fused_lm_head(h, w, t, impl=name, interpret=False)
+            return -jnp.mean(s.target_logprob)
+
+        cases.append((f"{name}", ce, None))
+        if all_stats:
+
+            def full(h, w, t, wr, name=name):
+                s = fused_lm_head(h, w, t, impl=name, interpret=False, ref_weight=wr, sample_rng=jax.random.key(0),
+                                  kl_direction="ref_policy")
+                return jnp.mean(-s.target_logprob - 0.01 * s.entropy + 0.05 * s.kl_to_ref - 0.1 * s.sampled_logprob)
+
+            cases.append((f"{name} +ent+KL+sample", full, None))
+    try:
+        import tokamax  # noqa: F401
+
+        lsce = getattr(tokamax, "linear_softmax_cross_entropy_loss")
+
+        def tok(h, w, t):
+            return lsce(h, t, w, reduction="mean")
+
+        cases.append(("tokamax (jax)", tok, None))
+    except Exception as e:  # noqa: BLE001
+        cases.append(("tokamax (jax)", None, f"not available: {type(e).__name__}"))
+    return cases
+
+
+def _time(jax, compiled, args, iters):
+    import numpy as np
+
+    for _ in range(2):
+        jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def _bench_one(jax, fn, args, iters, fwd_too=False):
+    fwd_ms = _time(jax, jax.jit(fn).lower(*args).compile(), args, iters) if fwd_too else None
+    step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+    t0 = time.perf_counter()
+    compiled = step.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    extra = None if mem is None else mem.temp_size_in_bytes + mem.output_size_in_bytes
+    return _time(jax, compiled, args, iters), extra, compile_s, fwd_ms
+
+
+def _gpu_check(jax, jnp):
+    """pallas_gpu (compiled Triton) vs xla_naive on the GPU; returns markdown lines."""
+    import numpy as np
+
+    from curriculax.kernels import fused_lm_head
+
+    lines = []
+    jax.config.update("jax_default_matmul_precision", "highest")
+    try:
+        for dtype in (jnp.float32, jnp.bfloat16):
+            n, d, v = 1000, 320, 5003
+            k = jax.random.split(jax.random.key(1), 6)
+            h = jax.random.normal(k[0], (n, d)).astype(dtype)
+            w = (jax.random.normal(k[1], (d, v)) * 2 / d**0.5).astype(dtype)
+            wr = (w + 0.3 * jax.random.normal(k[2], (d, v)).astype(dtype) / d**0.5).astype(dtype)
+            t = jax.random.randint(k[3], (n,), 0, v).at[5].set(-100)
+            cts = jax.random.normal(k[4], (5, n))
+
+            def loss(h_, w_, impl):
+                s = fused_lm_head(h_, w_, t, impl=impl, ref_weight=wr, sample_rng=k[5], logit_softcap=20.0,
+                                  interpret=False)
+                stats = (s.target_logprob, s.lse, s.entropy, s.kl_to_ref, s.sampled_logprob)
+                return sum(jnp.sum(c * x) for c, x in zip(cts, stats)), s
+
+            res = {}
+            for impl in ("xla_naive", "pallas_gpu", "xla_chunked"):
+                res[impl] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)(h, w, impl)
+            (_, s0), g0 = res["xla_naive"]
+            for impl in ("pallas_gpu", "xla_chunked"):
+                (_, s1), g1 = res[impl]
+                stat_err = max(
+                    float(jnp.max(jnp.abs(getattr(s1, f) - getattr(s0, f))) / jnp.maximum(1, jnp.max(jnp.abs(getattr(s0, f)))))
+                    for f in ("target_logprob", "lse", "entropy", "kl_to_ref", "sampled_logprob")
+                )
+                same = bool(jnp.all(s1.sampled_token == s0.sampled_token))
+                gerr = [
+                    float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+                          / np.linalg.norm(np.asarray(b, np.float64)))
+                    for a, b in zip(g1, g0)
+                ]
+                lines.append(
+                    f"- check {impl} vs xla_naive ({jnp.dtype(dtype).name}, N={n} d={d} V={v}, softcap+KL+sampling): "
+                    f"max rel stat err {stat_err:.2e}, same samples {same}, "
+                    f"rel grad err d_h {gerr[0]:.2e} d_W {gerr[1]:.2e}"
+                )
+                print(lines[-1], flush=True)
+    except Exception as e:  # noqa: BLE001
+        lines.append(f"- check FAILED: {type(e).__name__}: {str(e)[:500]}")
+        print(lines[-1], flush=True)
+    finally:
+        jax.config.update("jax_default_matmul_precision", None)
+    return lines
+
+
+def _sweep(jax, jnp, n, d, v, iters):
+    """Component timings (bf16, CE statistics only) for choosing the GPU defaults."""
+    from curriculax.kernels import pallas_gpu, xla
+
+    opts = xla.HeadOpts()
+    k = jax.random.split(jax.random.key(0), 3)
+    h = (jax.random.normal(k[0], (n, d)) / d**0.25).astype(jnp.bfloat16)
+    w = (jax.random.normal(k[1], (d, v)) / d**0.25).astype(jnp.bfloat16)
+    t = jax.random.randint(k[2], (n,), 0, v)
+    valid = jnp.ones((n,), bool)
+    stats = xla.finalize(xla.chunked_forward(h, w, None, None, t[:, None], None, opts, block_v=2048), opts)
+    rg = xla.row_grad(stats, {"target_logprob": jnp.full((n,), -1.0 / n)}, t, None, valid, opts)
+    rows = []
+
+    def timed(label, fn):
+        try:
+            compiled = jax.jit(fn).lower(h, w).compile()
+            mem = compiled.memory_analysis()
+            ms = _time(jax, compiled, (h, w), iters)
+            rows.append({"component": label, "ms": ms,
+                         "temp MiB": mem.temp_size_in_bytes / 2**20 if mem is not None else "n/a"})
+        except Exception as e:  # noqa: BLE001
+            rows.append({"component": label, "ms": f"failed: {type(e).__name__}: {str(e)[:120]}"})
+        print(rows[-1], flush=True)
+
+    for bv in (1024, 2048, 4096):
+        timed(f"fwd xla_chunked block_v={bv}",
+              lambda h_, w_, bv=bv: xla.chunked_forward(h_, w_, None, None, t[:, None], None, opts, block_v=bv).s)
+    fwd_cfgs = [(64, 128, 64, 4, 2), (64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
+                (128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 32, 8, 4),
+                (256, 128, 64, 8, 3)]
+    for bn, bv, bk, nw, ns in fwd_cfgs:
+        timed(f"fwd pallas bn={bn} bv={bv} bd={bk} warps={nw} stages={ns}",
+              lambda h_, w_, c=(bn, bv, bk, nw, ns): pallas_gpu.forward(
+                  h_, w_, None, None, t, None, opts, block_n=c[0], block_v=c[1], block_d=c[2], num_warps=c[3],
+                  num_stages=c[4]).s)
+    for bv in (512, 1024, 2048):
+        timed(f"bwd xla_chunked block_v={bv}",
+              lambda h_, w_, bv=bv: xla.chunked_backward(h_, w_, None, None, rg, opts, block_v=bv))
+    for bn, bv, bk, nw, ns, ch in [(64, 128, 64, 4, 2, 2048), (64, 128, 64, 4, 3, 2048), (128, 128, 64, 8, 3, 2048),
+                                   (128, 128, 64, 8, 3, 1024), (128, 128, 64, 8, 3, 512), (128, 256, 64, 8, 3, 2048)]:
+        timed(f"bwd pallas bn={bn} bv={bv} bd={bk} warps={nw} stages={ns} chunk={ch}",
+              lambda h_, w_, c=(bn, bv, bk, nw, ns, ch): pallas_gpu.backward(
+                  h_, w_, None, None, rg, opts, block_n=c[0], block_v=c[1], block_d=c[2], num_warps=c[3],
+                  num_stages=c[4], chunk_v=c[5]))
+    return rows
+
+
+def _cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _table(rows, cols):
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols)
+                   + " |")
+    return "\n".join(out)
+
+
+def _write_section(path, device, text):
+    path = Path(path)
+    begin, end = f"<!-- bench:{device} -->", f"<!-- /bench:{device} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    old = path.read_text() if path.exists() else "# Fused LM-head loss benchmark (`experiments/bench_fused_loss.py`)\n\n"
+    if begin in old and end in old:
+        new = re.sub(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", lambda _: block, old, flags=re.S)
+    else:
+        new = old.rstrip() + "\n\n" + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
+
+
+def main(argv=None):
+    args = _parse_args(argv)
+    if args.torch_worker:
+        return _torch_worker(args.torch_worker)
+    if args.device == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+    wall0 = time.perf_counter()
+    # torch references first, in a subprocess, before JAX holds any GPU memory
+    device = args.device
+    if device == "auto":
+        import jax
+
+        device = "gpu" if jax.default_backend() == "gpu" else "cpu"
+    on_gpu = device == "gpu"
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+        scaled = False
+    elif on_gpu:
+        shapes, scaled = list(SHAPES), False
+    else:
+        sn, sd, sv = (int(x) for x in args.cpu_scale.split(","))
+        shapes, scaled = [(n // sn, d // sd, v // sv) for n, d, v in SHAPES], True
+    iters = args.iters or (10 if on_gpu else 3)
+
+    torch_rows, torch_version = {}, None
+    if on_gpu and args.torch:
+        for shape in shapes:
+            torch_rows[shape], torch_version = _run_torch_refs(*shape, iters)
+            print(shape, torch_rows[shape], flush=True)
+
+    import jax
+    import jax.numpy as jnp
+    import jaxlib
+
+    if on_gpu and jax.default_backend() != "gpu":
+        raise SystemExit(f"--device=gpu but JAX backend is {jax.default_backend()}")
+    check_lines = _gpu_check(jax, jnp) if (on_gpu and args.check) else []
+    sweep_rows = _sweep(jax, jnp, *shapes[0], iters) if (on_gpu and args.sweep) else []
+
+    impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    rows = []
+    for n, d, v in shapes:
+        k = jax.random.split(jax.random.key(0), 4)
+        h = (jax.random.normal(k[0], (n, d)) / d**0.25).astype(jnp.bfloat16)
+        w = (jax.random.normal(k[1], (d, v)) / d**0.25).astype(jnp.bfloat16)
+        wr = (w.astype(jnp.float32) + 0.1 * jax.random.normal(k[2], (d, v)) / d**0.25).astype(jnp.bfloat16)
+        t = jax.random.randint(k[3], (n,), 0, v)
+        grad_bytes = (n * d + v * d) * 2
+        shape_s = f"{n}x{d}x{v}"
+        base = {}
+        sweep = []
+        if on_gpu and (n, d, v) == shapes[0] and args.pallas_blocks:
+            sweep = [tuple(int(x) for x in c.split(",")) for c in args.pallas_blocks.split(";") if c.strip()]
+        for name, fn, note in _jax_cases(jax, jnp, n, d, v, args.all_stats, impls, on_gpu, sweep):
+            row = {"N x d x V": shape_s, "impl": name}
+            if fn is None:
+                rows.append({**row, "note": note})
+                continue
+            objective = "full" if "+ent" in name else "ce"
+            fargs = (h, w, t, wr) if objective == "full" else (h, w, t)
+            try:
+                ms, extra, comp, fwd_ms = _bench_one(jax, fn, fargs, iters, fwd_too=objective == "ce")
+            except Exception as e:  # noqa: BLE001
+                rows.append({**row, "note": f"failed: {type(e).__name__}: {str(e)[:160]}"})
+                print(rows[-1], flush=True)
+                continue
+            if name == "xla_naive" or name.startswith("xla_naive "):
+                base[objective] = (ms, extra)
+            b_ms, b_extra = base.get(objective, (None, None))
+            row.update({
+                "fwd ms": fwd_ms if fwd_ms is not None else "",
+                "fwd+bwd ms": ms,
+                "time / naive": ms / b_ms if b_ms else "",
+                "extra MiB": extra / 2**20 if extra is not None else "n/a",
+                "extra / naive": extra / b_extra if (b_extra and extra is not None) else "",
+                "extra / (Nd+Vd)": extra / grad_bytes if extra is not None else "n/a",
+                "compile s": comp,
+                "note": "objective uses entropy+KL+sampling" if objective == "full" else "",
+            })
+            rows.append(row)
+            print(row, flush=True)
+            jax.clear_caches()
+        for tr in torch_rows.get((n, d, v), []):
+            row = {"N x d x V": shape_s, "impl": tr["impl"]}
+            if "error" in tr:
+                rows.append({**row, "note": tr["error"]})
+                continue
+            b_ms = base.get("ce", (None, None))[0]
+            rows.append({**row, "fwd+bwd ms": tr["ms"], "time / naive": tr["ms"] / b_ms if b_ms else "",
+                         "extra MiB": tr["extra_bytes"] / 2**20, "extra / (Nd+Vd)": tr["extra_bytes"] / grad_bytes,
+                         "note": "PyTorch, max_memory_allocated - inputs"})
+
+    dev = jax.devices()[0]
+    cols = ["N x d x V", "impl", "fwd ms", "fwd+bwd ms", "time / naive", "extra MiB", "extra / naive", "extra / (Nd+Vd)",
+            "compile s", "note"]
+    lines = [
+        f"## {device.upper()} run",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- machine: {_cpu_model()}, {os.cpu_count()} cores; device: {dev.device_kind} ({dev.platform})",
+        f"- versions: python {platform.python_version()}, jax {jax.__version__}, jaxlib {jaxlib.__version__}"
+        + (f", torch {torch_version}" if torch_version else ""),
+        f"- inputs bf16, fp32 accumulation; loss = mean CE from `fused_lm_head` unless noted; "
+        f"time = median of {iters} jitted value_and_grad calls after 2 warm-ups",
+        "- extra = compiled temp + output bytes (gradients included); `extra / (Nd+Vd)` is relative to the "
+        "bf16 size of (d_hidden, d_weight); GPU target <= 1.05, time <= 0.9x naive",
+    ]
+    if scaled:
+        lines.append(
+            f"- **reduced CPU shapes**: the issue's shapes {', '.join('x'.join(map(str, s)) for s in SHAPES)} "
+            f"divided by (N, d, V) = ({args.cpu_scale}); Pallas kernels only run in interpret mode on CPU "
+            "and are not timed"
+        )
+    lines += check_lines
+    if sweep_rows:
+        lines += ["", f"Component sweep ({'x'.join(map(str, shapes[0]))}, CE statistics only):", "",
+                  _table(sweep_rows, ["component", "ms", "temp MiB"])]
+    lines += ["", _table(rows, cols), "", f"(total wall time {time.perf_counter() - wall0:.0f} s)"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        _write_section(args.out, device, text)
+
+
+if __name__ == "__main__":
+    main()
