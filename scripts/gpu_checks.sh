@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # One-shot GPU session: kernel lowering tests + benchmarks. Writes results under $OUT.
-# Expects wheels for packages the GPU image lacks in .whl/ (see experiments/README.md).
+# Packages the GPU image lacks travel as wheels in .whl/ (git-ignored via .git/info/exclude):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     grain ml-collections array-record dm-tree portpicker flax==0.12.8 optax treescope \
+#     liger-kernel cut-cross-entropy tokamax einshape qwix immutabledict tensorboardx \
+#     pydantic pydantic-core annotated-types typing-inspection
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
