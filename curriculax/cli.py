@@ -3,6 +3,10 @@
 ``--config`` is an ml_collections config file (``configs/*.py`` with ``get_config()``);
 fields are overridden with ``--config.steps=200``. Without ``--config`` the built-in
 quickstart config is used.
+
+Multi-host: ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` on every
+process (or nothing on Cloud TPU VMs and under SLURM ``srun``, which describe themselves);
+see ``docs/scale.md``.
 """
 
 from __future__ import annotations
@@ -17,10 +21,22 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from curriculax.train import config as config_lib
+from curriculax.train import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", f"{config_lib.__file__}:quickstart", "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process runs: host:port of process 0, the same on every process "
+    "(jax.distributed.initialize). Not needed on Cloud TPU VMs or under SLURM.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Multi-process runs: how many processes take part (1: single).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Multi-process runs: this process's rank in [0, num_processes).")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_init_timeout", 300,
+    "Seconds to wait for every process to join the coordinator before failing with one error.")
 
 
 def _train(cfg, workdir):
@@ -60,6 +76,13 @@ def main(argv):
     if workdir is None:
         raise app.UsageError(f"curriculax {command} needs --workdir=DIR.")
     absl_logging.set_verbosity(absl_logging.WARNING)
+    try:  # before anything else touches JAX
+        proc = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                      timeout_s=_INIT_TIMEOUT.value)
+    except (ValueError, RuntimeError) as e:
+        sys.exit(f"curriculax {command}: distributed init failed: {e}")
+    if proc.process_count > 1:
+        print(f"curriculax: {proc.describe()}", file=sys.stderr, flush=True)
     try:
         result = COMMANDS[command](_CONFIG.value, workdir)
     except (ValueError, FileNotFoundError) as e:  # config and data errors: one clear line

@@ -32,8 +32,17 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh; one axis may be ``-1`` to absorb the remaining devices."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *,
+              dcn_data: int = 1, dcn_fsdp: int = 1) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh; one axis may be ``-1`` to absorb the remaining devices.
+
+    Sizes are global (over every process's devices). The device order comes from
+    ``jax.experimental.mesh_utils``: within a slice (ICI) ``create_device_mesh`` lays the axes
+    on the physical torus; with ``dcn_data``/``dcn_fsdp`` > 1 those axes additionally span
+    that many slices (TPU multi-slice) or hosts (GPU nodes) over the slower data-center
+    network (DCN), via ``create_hybrid_device_mesh``: ``data`` is then ``dcn_data`` slices
+    times ``data // dcn_data`` devices per slice. Keep ``tensor`` inside a slice.
+    """
     devices = jax.devices() if devices is None else list(devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
@@ -50,6 +59,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
             f"Mesh axes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} devices but "
             f"{len(devices)} are available; set one axis to -1 to absorb the rest."
         )
+    dcn = [dcn_data, dcn_fsdp, 1]
+    if dcn != [1, 1, 1]:
+        return Mesh(hybrid_device_grid(sizes, dcn, devices), MESH_AXES)
     try:
         from jax.experimental import mesh_utils
 
@@ -57,6 +69,52 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     except Exception:  # noqa: BLE001 - e.g. CPU device sets mesh_utils cannot lay out
         device_grid = np.asarray(devices).reshape(sizes)
     return Mesh(device_grid, MESH_AXES)
+
+
+def _granule_key(devices, count: int):
+    """How devices group into ``count`` DCN granules: TPU slices, processes, or hosts.
+
+    Returns ``(key, process_is_granule)`` where ``key`` is None when
+    ``mesh_utils.create_hybrid_device_mesh`` can group by itself (``slice_index`` or
+    ``process_index``), else a function of a device (several processes per host, e.g. one
+    process per GPU under SLURM: consecutive ranks share a host).
+    """
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    if None not in slices and len(slices) == count:
+        return None, False
+    procs = sorted({d.process_index for d in devices})
+    if len(procs) == count:
+        return None, True
+    if len(procs) % count == 0:
+        per = len(procs) // count
+        rank = {p: i for i, p in enumerate(procs)}
+        return (lambda d: rank[d.process_index] // per), True
+    raise ValueError(
+        f"mesh.dcn_* asks for {count} DCN granules (slices or hosts) but the devices come from "
+        f"{len(slices)} slice(s) and {len(procs)} process(es); the DCN sizes' product must equal "
+        f"the number of slices or hosts.")
+
+
+def hybrid_device_grid(sizes, dcn, devices) -> np.ndarray:
+    """Device array for global axis ``sizes`` split into per-slice (ICI) x DCN parts."""
+    for name, size, d in zip(MESH_AXES, sizes, dcn):
+        if d < 1 or size % d:
+            raise ValueError(f"mesh.dcn_{name}={d} must divide mesh.{name}={size}.")
+    ici = [s // d for s, d in zip(sizes, dcn)]
+    key, by_process = _granule_key(devices, math.prod(dcn))
+    from jax.experimental import mesh_utils
+
+    if key is None:
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                    process_is_granule=by_process)
+    groups: dict[int, list] = {}
+    for dev in devices:
+        groups.setdefault(key(dev), []).append(dev)
+    per_granule = [mesh_utils.create_device_mesh(ici, groups[k]) for k in sorted(groups)]
+    blocks = np.empty(dcn, dtype=object)
+    for i, idx in enumerate(np.ndindex(*dcn)):
+        blocks[idx] = per_granule[i]
+    return np.block(blocks.tolist())
 
 
 def logical_to_mesh(axes: Sequence[str | None], rules) -> P:

@@ -1,6 +1,41 @@
-"""Curricula: pure ``init / sample / update`` namespaces over pytree state, looked up by name."""
+"""Curricula: pure ``init / sample / update`` namespaces over pytree state, looked up by name.
+
+Registered (``config.curriculum.name``): ``uniform``, ``pacing``, ``cyclical``, ``sec``,
+``skill_it``, ``ordering``, ``reweight``, ``self_paced``, ``stat_sel``, ``climb``. Each module has
+``default_config()``; :mod:`schedules` holds step schedules for transforms/objectives and
+:mod:`designer` builds staged ``ordering`` configs from model embeddings.
+"""
+
+import copy
 
 from curriculax.curriculum import uniform
 from curriculax.curriculum.base import BankMeta, Curriculum, Feedback, get, names, register
+from curriculax.curriculum import sampling, schedules  # noqa: E402
+from curriculax.curriculum import (  # noqa: E402  (each registers its curriculum)
+    climb,
+    cyclical,
+    ordering,
+    pacing,
+    reweight,
+    sec,
+    self_paced,
+    skill_it,
+    stat_sel,
+)
+from curriculax.curriculum import designer  # noqa: E402
 
-__all__ = ["BankMeta", "Curriculum", "Feedback", "get", "names", "register", "uniform"]
+
+def with_total_steps(config):
+    """A copy of the experiment ``config`` whose ``curriculum.total_steps`` is ``config.steps``
+    when it is 0 or absent (schedules plan for the run's length); ``config`` is not changed."""
+    if config.curriculum.get("total_steps", 0):
+        return config
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.curriculum.total_steps = config.steps
+    return config
+
+
+__all__ = ["BankMeta", "Curriculum", "Feedback", "climb", "cyclical", "designer", "get", "names",
+           "ordering", "pacing", "register", "reweight", "sampling", "schedules", "sec",
+           "self_paced", "skill_it", "stat_sel", "uniform", "with_total_steps"]

@@ -24,7 +24,7 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 def extract_answer(text: str) -> str | None:
     """The model's final answer in ``text`` or ``None``."""
     m = _HASH.findall(text)
-    if m:
+    if m and m[-1].strip():  # "####" then only whitespace such as "\r" counts as no answer
         return m[-1].strip().splitlines()[0].strip()
     boxed = last_boxed(text)
     if boxed is not None:

@@ -64,11 +64,13 @@ class Transformer(nnx.Module):
         w = self.lm_head_weight().astype(hidden_BxTxd.dtype)
         return jnp.einsum("btd,dv->btv", hidden_BxTxd, w, preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens_BxT, *, positions=None, segment_ids=None, cache: KVCache | None = None):
+    def __call__(self, tokens_BxT, *, positions=None, segment_ids=None, cache: KVCache | None = None,
+                 inputs_embeds=None):
         """Returns hidden states ``[B,T,d]``, or ``(hidden, cache)`` when a cache is given.
 
         ``positions`` default to ``arange(T)`` (offset by the cache index); ``segment_ids``
-        (packing; 0 = padding) default to all ones.
+        (packing; 0 = padding) default to all ones. ``inputs_embeds`` ``[B,T,d]``, when given,
+        replaces the embedding lookup of ``tokens_BxT`` (e.g. scheduled-sampling mixtures).
         """
         cfg = self.config
         b, t = tokens_BxT.shape
@@ -80,7 +82,12 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones((b, t), jnp.int32)
         segment_ids = segment_ids.astype(jnp.int32)
 
-        x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.compute_dtype)
+        if inputs_embeds is None:
+            x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.compute_dtype)
+        else:
+            if inputs_embeds.shape != (b, t, cfg.hidden_size):
+                raise ValueError(f"inputs_embeds must be {(b, t, cfg.hidden_size)}, got {inputs_embeds.shape}")
+            x = inputs_embeds.astype(cfg.compute_dtype)
         kv_seg = None
         if cache is not None:
             kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, start, axis=1)

@@ -20,8 +20,13 @@ NORMALIZATIONS = ("token", "sequence", "batch", "constant")
 
 class Objective(NamedTuple):
     token_loss: Callable[[Any, Any, Any], jax.Array]
-    # Extra statistics the kernel must compute for this objective (e.g. "kl", "sample").
+    # Extra statistics the step must provide: "ref" (frozen reference -> stats.kl_to_ref),
+    # "sample" (in-kernel sampling -> stats.sampled_token / sampled_logprob), "ref_logprob"
+    # (with "ref": stats.ref_target_logprob).
     needs: tuple[str, ...] = ()
+    # Optional ``kernel_options(config.objective) -> dict`` of static LM-head kernel keywords
+    # (e.g. ``kl_direction`` for ASFT, the sampling ``temperature`` for OTR).
+    kernel_options: Callable[[Any], dict] | None = None
 
 
 _REGISTRY: dict[str, Objective] = {}
@@ -47,6 +52,8 @@ def names() -> list[str]:
 def lm_head_stats(hidden_BxTxd, weight_dxV, targets_BxT, mask_BxT, **kernel_kwargs):
     """Runs the fused LM-head kernel on ``[B,T]`` tokens and returns ``[B,T]`` statistics."""
     b, t, d = hidden_BxTxd.shape
+    if kernel_kwargs.get("ref_hidden") is not None:  # the reference's hidden states, [B,T,d_ref]
+        kernel_kwargs["ref_hidden"] = kernel_kwargs["ref_hidden"].reshape(b * t, -1)
     stats = fused_lm_head(hidden_BxTxd.reshape(b * t, d), weight_dxV, targets_BxT.reshape(b * t),
                           where=mask_BxT.reshape(b * t), **kernel_kwargs)
     return jax.tree.map(lambda x: x.reshape(b, t), stats)

@@ -1,18 +1,42 @@
-"""Orbax checkpoints of the whole ``TrainState`` plus a small JSON record of the run."""
+"""Orbax checkpoints of the whole ``TrainState`` plus a small JSON record of the run.
+
+``workdir`` may be local or remote (``gs://bucket/run``): paths go through ``etils.epath``
+(never ``pathlib``, which turns ``gs://b`` into ``gs:/b``). In a multi-process run every
+process calls :func:`save` and :func:`restore` (each writes/reads its own shards; Orbax
+coordinates), so the workdir must be one location all hosts see (GCS, NFS, Lustre).
+"""
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+def is_remote(workdir) -> bool:
+    return "://" in str(workdir)
+
+
+def local_dir(workdir) -> pathlib.Path:
+    """Where host-local outputs (metrics.jsonl, TensorBoard, plots) of a run go.
+
+    ``workdir`` itself when it is local; for a remote ``scheme://bucket/path`` a local mirror
+    ``$CURRICULAX_LOCAL_DIR/scheme/bucket/path`` (default ``runs/``), since appending to a
+    JSONL file or redrawing PNGs in place is a local-filesystem operation.
+    """
+    if not is_remote(workdir):
+        return pathlib.Path(workdir)
+    scheme, rest = str(workdir).split("://", 1)
+    return pathlib.Path(os.environ.get("CURRICULAX_LOCAL_DIR") or "runs") / scheme / rest.strip("/")
 
 
 def manager(workdir, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    path = pathlib.Path(workdir) / "checkpoints" if "://" not in str(workdir) else f"{workdir}/checkpoints"
-    return ocp.CheckpointManager(path, options=options)
+    return ocp.CheckpointManager(epath.Path(str(workdir)) / "checkpoints", options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, info: dict) -> None:

@@ -66,6 +66,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.objective.normalization = "token"  # token | sequence | batch | constant
     c.objective.impl = "auto"  # fused LM-head kernel: auto | xla_chunked | xla_naive | pallas_*
 
+    # Parameter selection (curriculax.sparsity): none | lift | hft | lt_sft | lora | select.
+    # Settings sit next to `name`; `curriculax.sparsity.config("lift", ...)` fills in defaults.
+    c.sparsity = ml_collections.ConfigDict(dict(name="none"))
+
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 1e-3
     c.optimizer.warmup_steps = 50
@@ -77,7 +81,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.grad_clip = 1.0
 
     # Mesh axis sizes; one may be -1 to absorb the rest. num_devices=0 uses every device.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
+    # dcn_data / dcn_fsdp > 1: that axis spans this many TPU slices or GPU hosts over DCN
+    # (multi-slice); sizes stay global (data = dcn_data x devices per slice). docs/scale.md.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0,
+                                            dcn_data=1, dcn_fsdp=1))
     c.sharding_rules = tuple((k, v) for k, v in DEFAULT_RULES)
 
     c.log_every = 10

@@ -10,28 +10,33 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import pathlib
 import signal
 import time
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
 from curriculax import eval as eval_lib
-from curriculax.train import checkpoint, plots, setup
+from curriculax.train import checkpoint, distributed, plots, setup
 from curriculax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _preemption_flag():
-    """Yields a dict whose ``"stop"`` turns True on SIGTERM (main thread only)."""
+def _preemption_flag(handler: bool = True):
+    """Yields a dict whose ``"stop"`` turns True on SIGTERM (main thread only).
+
+    Multi-process runs pass ``handler=False``: JAX's runtime catches SIGTERM itself and the
+    processes agree on a common stop step (:func:`distributed.reached_preemption`).
+    """
     flag = {"stop": False}
     try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: flag.update(stop=True))
+        previous = (signal.signal(signal.SIGTERM, lambda *_: flag.update(stop=True))
+                    if handler else None)
     except ValueError:  # not the main thread (e.g. a notebook worker): no handler
         previous = None
     try:
@@ -42,7 +47,7 @@ def _preemption_flag():
 
 
 def evaluate(exp: setup.Experiment, params) -> dict[str, float]:
-    model = nnx.merge(exp.graphdef, params)
+    model = nnx.merge(exp.graphdef, exp.model_params(params))
     e = exp.config.eval
     out = eval_lib.evaluate(model, exp.eval_data, exp.tokenizer, batch_size=e.batch_size,
                             max_new_tokens=e.max_new_tokens)
@@ -51,7 +56,9 @@ def evaluate(exp: setup.Experiment, params) -> dict[str, float]:
 
 def train(cfg, workdir) -> dict:
     """Trains per ``cfg`` in ``workdir``; returns the last logged train and eval metrics."""
-    workdir = pathlib.Path(workdir)
+    # Checkpoints, config.json and summary.json go to `workdir` (local or gs://, via epath);
+    # metrics.jsonl, TensorBoard and plots to `local` (the same directory unless remote).
+    workdir, local = epath.Path(str(workdir)), checkpoint.local_dir(workdir)
     lead = jax.process_index() == 0
     exp = setup.build(cfg)
     if lead:
@@ -67,7 +74,7 @@ def train(cfg, workdir) -> dict:
     stop = cfg.stop_at or cfg.steps
     compiled = {}
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
-    writer = MetricWriter(workdir) if lead else None
+    writer = MetricWriter(local) if lead else None
     last: dict = {}
     info = {} if exp.train_data is None else {"bank": {
         "examples": len(exp.train_data), "truncated": exp.train_data.info.num_truncated,
@@ -88,7 +95,7 @@ def train(cfg, workdir) -> dict:
             if writer:
                 writer.write(at_step, result)
                 if cfg.plots:
-                    plots.draw(workdir)
+                    plots.draw(local)
         if at_step % cfg.checkpoint_every == 0 or at_step == stop or force:
             checkpoint.save(mngr, at_step, state, {"step": at_step, **info})
 
@@ -96,7 +103,7 @@ def train(cfg, workdir) -> dict:
                desc="train", dynamic_ncols=True)
     pending = None  # (step, metrics on device, wall time at dispatch, steps since last log)
     t_log, steps_since = time.perf_counter(), 0
-    with _preemption_flag() as preempt:
+    with _preemption_flag(handler=jax.process_count() == 1) as preempt:
         upcoming = exp.data_for(step, min(cfg.steps_per_dispatch, stop - step))
         while step < stop and not preempt["stop"]:
             k = min(cfg.steps_per_dispatch, stop - step)
@@ -104,6 +111,7 @@ def train(cfg, workdir) -> dict:
                 compiled[k] = exp.step_fn(k)
             state, metrics = compiled[k](state, upcoming)
             step += k
+            preempt["stop"] |= distributed.reached_preemption(step)  # multi-process
             if step < stop:  # prepared while the devices run the dispatch above
                 upcoming = exp.data_for(step, min(cfg.steps_per_dispatch, stop - step))
             steps_since += k
@@ -132,9 +140,10 @@ def train(cfg, workdir) -> dict:
     if writer:
         writer.close()
         if cfg.plots:
-            plots.draw(workdir)
+            plots.draw(local)
     last["step"] = step
     last["workdir"] = str(workdir)
     if lead:
-        (workdir / "summary.json").write_text(json.dumps(last, indent=2, default=float))
+        (workdir / "summary.json").write_text(  # vector metrics (per-arm values) as lists
+            json.dumps(last, indent=2, default=lambda v: np.asarray(v).tolist()))
     return last

@@ -8,6 +8,7 @@ buffer directly where it belongs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import jax
@@ -18,13 +19,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from curriculax import curriculum as curricula
 from curriculax import objectives, sharding
+from curriculax import sparsity as sparsity_lib
 from curriculax.data.bank import Bank, ExampleBank
 from curriculax.data.pipeline import pool_at, pool_dataset, stacked_pools
 from curriculax.data.sources import load_records
 from curriculax.data.tokenizer import load_tokenizer
 from curriculax.models import ModelConfig, Transformer
 from curriculax.train import config as config_lib
-from curriculax.train.optim import make_optimizer, schedule
+from curriculax.train import distributed
+from curriculax.train.optim import schedule
 from curriculax.train.state import TrainState
 from curriculax.train.step import jit_steps, make_train_step
 
@@ -50,13 +53,14 @@ class Experiment:
     pools: Any = None  # grain.MapDataset of pools (data.pool_size > 0)
     stream_shardings: Bank | None = None
     _init_params: Any = None
+    sparsity: sparsity_lib.Sparsity | None = None  # parameter selection (config.sparsity)
 
     def data_for(self, step: int, count: int):
         """What the jitted k-step function consumes for steps ``step .. step+count-1``."""
         if self.pools is None:
             return self.bank
-        return jax.device_put(stacked_pools(self.pools, self.bank.info, step, count),
-                              self.stream_shardings)
+        return distributed.global_tree(stacked_pools(self.pools, self.bank.info, step, count),
+                                       self.stream_shardings)
 
     def step_fn(self, count: int):
         """The jitted ``count``-step function for this experiment's data path."""
@@ -74,21 +78,31 @@ class Experiment:
         def init(rng, params_in):
             params = params_in if params_in is not None else _random_params(
                 self.model_config, rng)
+            if self.sparsity is not None and self.sparsity.init_params is not None:
+                params = self.sparsity.init_params(params, jax.random.fold_in(rng, 3))
+            masks = None if self.sparsity is None else self.sparsity.init_masks(
+                params, jax.random.fold_in(rng, 2))
             return TrainState(
                 step=jnp.zeros((), jnp.int32), rng=jax.random.fold_in(rng, 1), params=params,
                 opt_state=self.optimizer.init(params),
                 curriculum=self.curriculum.init(cfg.curriculum, meta),
-                ref_params=params if _needs_ref(self.objective) else None,
+                ref_params=params if _needs_ref(self.objective) else None, masks=masks,
             )
 
         rng = jax.random.PRNGKey(cfg.seed)
         return jax.jit(init, out_shardings=self.state_shardings)(rng, init_params)
 
+    def model_params(self, params):
+        """The model's weights from the trained ``params`` (merges LoRA adapters)."""
+        if self.sparsity is None or self.sparsity.materialize is None:
+            return params
+        return self.sparsity.materialize(params)
+
     def train_step(self):
         return make_train_step(graphdef=self.graphdef, curriculum=self.curriculum,
                                objective=self.objective, optimizer=self.optimizer,
                                lr_schedule=self.lr_schedule, config=self.config,
-                               mesh=self.mesh, rules=self.rules)
+                               mesh=self.mesh, rules=self.rules, sparsity=self.sparsity)
 
 
 def _random_params(model_config: ModelConfig, rng):
@@ -104,8 +118,14 @@ def build(cfg) -> Experiment:
     config_lib.validate(cfg)
     cfg = curricula.with_total_steps(cfg)  # curriculum.total_steps 0/absent -> cfg.steps
     m = cfg.mesh
+    if jax.process_count() > 1 and m.num_devices not in (0, jax.device_count()):
+        raise ValueError(f"config.mesh.num_devices={m.num_devices}: a multi-process run uses "
+                         f"every device of every process; set it to 0 ({jax.device_count()} "
+                         f"devices).")
     devices = jax.devices()[: m.num_devices] if m.num_devices else None
-    mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+    mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices,
+                              dcn_data=m.get("dcn_data", 1), dcn_fsdp=m.get("dcn_fsdp", 1))
+    logging.getLogger(__name__).info("%s", distributed.describe_mesh(mesh))
     rules = _rules(cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     train_records, eval_records = load_records(cfg.data, cfg.seed)
@@ -145,35 +165,50 @@ def build(cfg) -> Experiment:
     rows_spec = example_sharding.spec[0]
     bank_shardings = jax.tree.map(
         lambda x: NamedSharding(mesh, P(rows_spec, *([None] * (x.ndim - 1)))), host_bank)
-    bank = jax.device_put(host_bank, bank_shardings)
+    # Every process holds the whole host bank; each copies only its devices' rows.
+    distributed.check_same_everywhere(host_bank, "The training data (host bank)")
+    bank = distributed.global_tree(host_bank, bank_shardings)
     # Streaming feeds k pools per dispatch, stacked on a leading (unsharded) axis.
     stream_shardings = None if pools is None else jax.tree.map(
         lambda x: NamedSharding(mesh, P(None, rows_spec, *([None] * (x.ndim - 1)))), host_bank)
 
-    optimizer = make_optimizer(cfg.optimizer, cfg.steps)
+    sparsity = sparsity_lib.build(cfg, nnx.to_pure_dict(abstract_params_state))
+    optimizer = sparsity.optimizer  # make_optimizer's clip + AdamW, restricted by the masks
     lr_schedule = schedule(cfg.optimizer, cfg.steps)
     curriculum = curricula.get(cfg.curriculum.name)
     objective = objectives.get(cfg.objective.name)
 
     exp = Experiment(cfg, mesh, rules, tokenizer, train_data, eval_data, bank, model_config,
                      graphdef, optimizer, lr_schedule, curriculum, objective, None, None,
-                     bank_shardings, pools, stream_shardings, init_params)
+                     bank_shardings, pools, stream_shardings, init_params, sparsity)
     abstract = jax.eval_shape(
         lambda: _abstract_state(exp, abstract_params_state))
     exp.abstract_state = abstract
     exp.state_shardings = _state_shardings(abstract, param_axes, mesh, rules, optimizer,
-                                           example_sharding, num_rows)
+                                           example_sharding, num_rows, sparsity,
+                                           nnx.to_pure_dict(abstract_params_state))
     return exp
 
 
 def _abstract_state(exp: Experiment, abstract_params_state):
     params = nnx.to_pure_dict(abstract_params_state)
+    if exp.sparsity is not None and exp.sparsity.init_params is not None:
+        params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+            exp.sparsity.init_params, params, jax.random.PRNGKey(0)))
     return TrainState(
         step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0), params=params,
         opt_state=exp.optimizer.init(params),
         curriculum=exp.curriculum.init(exp.config.curriculum, exp.bank.meta()),
         ref_params=params if _needs_ref(exp.objective) else None,
+        masks=_abstract_masks(exp.sparsity, params),
     )
+
+
+def _abstract_masks(sparsity, params):
+    if sparsity is None:
+        return None
+    shapes = jax.eval_shape(sparsity.init_masks, params, jax.random.PRNGKey(0))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def _needs_ref(objective) -> bool:
@@ -182,12 +217,24 @@ def _needs_ref(objective) -> bool:
 
 
 def _state_shardings(abstract: TrainState, param_axes, mesh, rules, optimizer, example_sharding,
-                     num_examples):
-    params = sharding.tree_shardings(abstract.params, param_axes, mesh, rules)
+                     num_examples, sparsity=None, model_params=None):
     replicated = sharding.replicated(mesh)
-    opt_state = optax.tree_map_params(
-        optimizer, lambda _, s: s, abstract.opt_state, params,
-        transform_non_params=lambda _: replicated)
+    if sparsity is not None and sparsity.param_shardings is not None:
+        params = sparsity.param_shardings(
+            sharding.tree_shardings(model_params, param_axes, mesh, rules), replicated)
+    else:
+        params = sharding.tree_shardings(abstract.params, param_axes, mesh, rules)
+    if sparsity is not None and sparsity.opt_state_shardings is not None:
+        opt_state = sparsity.opt_state_shardings(abstract.opt_state, params, replicated)
+    else:
+        opt_state = optax.tree_map_params(
+            optimizer, lambda _, s: s, abstract.opt_state, params,
+            transform_non_params=lambda _: replicated)
+    masks = None
+    if abstract.masks is not None:
+        mask_fn = (sparsity.mask_shardings if sparsity is not None and sparsity.mask_shardings
+                   else sparsity_lib.base.like_params_shardings)
+        masks = mask_fn(abstract.masks, params, replicated)
 
     def curriculum_leaf(x):
         # Per-example state (tracked losses, counts) is laid out like the bank's rows.
@@ -197,7 +244,7 @@ def _state_shardings(abstract: TrainState, param_axes, mesh, rules, optimizer, e
 
     return TrainState(step=replicated, rng=replicated, params=params, opt_state=opt_state,
                       curriculum=jax.tree.map(curriculum_leaf, abstract.curriculum),
-                      ref_params=None if abstract.ref_params is None else params)
+                      ref_params=None if abstract.ref_params is None else params, masks=masks)
 
 
 def _merged_categories(eval_records, train_categories: tuple[str, ...]) -> tuple[str, ...]:

@@ -29,8 +29,15 @@ def example_stats(stats, mask_BxT):
 
 
 def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, config,
-                    mesh=None, rules=()):
-    """Returns ``train_step(state, bank) -> (state, metrics)``, pure and jit-able."""
+                    mesh=None, rules=(), sparsity=None):
+    """Returns ``train_step(state, bank) -> (state, metrics)``, pure and jit-able.
+
+    With ``sparsity`` (:class:`curriculax.sparsity.Sparsity`), ``state.masks`` reaches the
+    optimizer as ``masks=`` and its ``refresh`` may recompute masks after each update.
+    """
+    refresh = None if sparsity is None else sparsity.refresh
+    to_model = (lambda p: p) if sparsity is None or sparsity.materialize is None else (
+        sparsity.materialize)  # LoRA: adapters merged into the frozen base
     batch_size, accum = config.batch_size, config.grad_accum
     mode = config.objective.normalization
     impl = config.objective.impl
@@ -53,7 +60,7 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
 
     def head_stats(params, ref_params, batch, rng, model_ctx=None):
         """Fused LM-head statistics, with the extras the objective asked for."""
-        model = nnx.merge(graphdef, params)
+        model = nnx.merge(graphdef, to_model(params))
         if model_ctx is None:
             hidden = model(batch.tokens)
         else:  # the embed hook's inputs (e.g. scheduled sampling's gold/prediction mixup)
@@ -61,7 +68,7 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
             hidden = model(batch.tokens, inputs_embeds=embeds)
         extra = dict(kernel_options)
         if "ref" in objective.needs:  # frozen reference head for KL anchors
-            ref = nnx.merge(graphdef, jax.lax.stop_gradient(ref_params))
+            ref = nnx.merge(graphdef, jax.lax.stop_gradient(to_model(ref_params)))
             extra.update(ref_hidden=ref(batch.tokens), ref_weight=ref.lm_head_weight())
         if "sample" in objective.needs:  # in-kernel Gumbel-max sampling (OTR)
             extra.update(sample_rng=rng)
@@ -132,8 +139,12 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
                 mask_id=bank.info.mask_id, pad_id=bank.info.pad_id)
         (loss, (ex_loss, ex_acc)), grads = gradients(state, batch, weights, loss_rng, model_ctx)
         probed = probe(state, probe_rng, bank, meta)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        mask_kw = {} if state.masks is None else {"masks": state.masks}
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **mask_kw)
         params = optax.apply_updates(state.params, updates)
+        masks = state.masks
+        if refresh is not None:  # masks that change during training (LIFT, HFT rounds, LT-SFT)
+            masks, params, opt_state = refresh(masks, params, opt_state, state.step + 1)
         feedback = Feedback(indices=indices, loss=ex_loss, token_accuracy=ex_acc,
                             category=batch.category, difficulty=batch.difficulty,
                             weights=weights, step=state.step, **probed)
@@ -148,7 +159,7 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
             **{f"curriculum/{k}": v for k, v in curriculum.summarize(cur).items()},
         }
         new_state = state.replace(step=state.step + 1, rng=rng, params=params,
-                                  opt_state=opt_state, curriculum=cur)
+                                  opt_state=opt_state, curriculum=cur, masks=masks)
         return new_state, metrics
 
     return train_step

@@ -26,6 +26,10 @@ class TransformContext:
 
 class Transform(NamedTuple):
     apply: Callable[[Any, jax.Array, TransformContext], Any]
+    # Optional model-level hook (e.g. scheduled sampling): ``embed(model, batch, rng, ctx) ->
+    # inputs_embeds [B,T,d]`` runs inside the loss and replaces the token-embedding lookup of the
+    # trained forward pass. At most one configured transform may define it.
+    embed: Callable[[Any, Any, jax.Array, TransformContext], jax.Array] | None = None
 
 
 _REGISTRY: dict[str, Transform] = {}

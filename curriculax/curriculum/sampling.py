@@ -1,0 +1,154 @@
+"""Shared in-jit building blocks for curricula: row sampling, grouping, tracked losses.
+
+Every function is pure, shape-static and at most O(E) per call (E = bank rows), so it runs
+inside the jitted step on any mesh. Where a method needs an ordering of the bank (easy to hard,
+rows grouped by arm), the ordering is computed once (``init`` or a rare ``lax.cond`` branch)
+and each step then costs O(B) gathers: ``order[randint(0, count)]``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import struct
+
+
+def with_defaults(config, defaults: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``defaults`` overridden by the fields ``config`` sets (``config`` may be ``None``)."""
+    merged = defaults.to_dict()
+    if config is not None:
+        merged.update(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    return ml_collections.ConfigDict(merged)
+
+
+def require_total_steps(cfg, method: str) -> int:
+    total = int(cfg.get("total_steps", 0) or 0)
+    if total <= 0:
+        raise ValueError(
+            f"curriculum {method!r} needs config.curriculum.total_steps > 0. The trainer fills it "
+            "with config.steps when it is 0 or absent; outside the trainer pass it explicitly.")
+    return total
+
+
+def random_ranks(rng, n: int) -> jax.Array:
+    """A uniformly random permutation of ``0..n-1`` used as a tie-break key [n] int32."""
+    return jax.random.permutation(rng, jnp.arange(n, dtype=jnp.int32))
+
+
+def sort_order(*keys) -> jax.Array:
+    """Row order sorting by ``keys`` (first key primary), as int32 [E]. Keys must break all ties
+    (pass :func:`random_ranks` or ``arange`` last) so the order is deterministic."""
+    return jnp.lexsort(tuple(reversed(keys))).astype(jnp.int32)
+
+
+def uniform_prefix(rng, order, count, batch_size: int) -> jax.Array:
+    """``batch_size`` rows drawn uniformly with replacement from ``order[:count]`` (O(B))."""
+    count = jnp.maximum(count, 1)
+    pos = jax.random.randint(rng, (batch_size,), 0, count, dtype=jnp.int32)
+    return order[pos]
+
+
+def categorical_rows(rng, weights, batch_size: int) -> jax.Array:
+    """Rows drawn with replacement with probability proportional to ``weights`` [E] >= 0.
+
+    Inverse-CDF sampling: one cumulative sum (O(E)) and ``B`` binary searches; a row of zero
+    weight is never drawn. If all weights are zero it draws uniformly.
+    """
+    w = jnp.maximum(weights.astype(jnp.float32), 0.0)
+    total = jnp.sum(w)
+    w = jnp.where(total > 0, w, jnp.ones_like(w))
+    cdf = jnp.cumsum(w)
+    u = jax.random.uniform(rng, (batch_size,), jnp.float32) * cdf[-1]
+    idx = jnp.searchsorted(cdf, u, side="right")  # B binary searches: O(B log E)
+    return jnp.clip(idx, 0, w.shape[0] - 1).astype(jnp.int32)
+
+
+def gumbel_top_k(rng, logits, k: int) -> jax.Array:
+    """``k`` distinct rows, sampled without replacement with probability ∝ ``exp(logits)``
+    (the Gumbel-top-k trick: the same law as sequential weighted draws without replacement).
+    Rows with ``-inf`` logits come last."""
+    g = jax.random.gumbel(rng, logits.shape, jnp.float32)
+    _, idx = jax.lax.top_k(logits + g, k)
+    return idx.astype(jnp.int32)
+
+
+@struct.dataclass
+class Groups:
+    """Rows sorted by group (shuffled within a group): group ``a`` is
+    ``order[start[a] : start[a] + size[a]]``. Rows with ``group == -1`` sort last."""
+
+    order: jax.Array  # [E] int32
+    start: jax.Array  # [K] int32
+    size: jax.Array  # [K] int32
+
+
+def make_groups(rng, group, num_groups: int) -> Groups:
+    e = group.shape[0]
+    key = jnp.where(group < 0, num_groups, group).astype(jnp.int32)
+    order = sort_order(key, random_ranks(rng, e))
+    size = jax.ops.segment_sum(jnp.ones((e,), jnp.int32), key, num_segments=num_groups + 1)
+    size = size[:num_groups]
+    start = jnp.cumsum(size) - size
+    return Groups(order=order, start=start.astype(jnp.int32), size=size.astype(jnp.int32))
+
+
+def sample_in_groups(rng, groups: Groups, arms, cursor=None) -> jax.Array:
+    """One row per entry of ``arms`` [B]: uniform inside the arm, or -- given ``cursor`` [K] --
+    the arm's next rows in its (shuffled once) list, wrapping around like an epoch per arm."""
+    size = jnp.maximum(groups.size[arms], 1)
+    if cursor is None:
+        pos = jax.random.randint(rng, arms.shape, 0, size, dtype=jnp.int32)
+    else:
+        onehot = arms[:, None] == jnp.arange(groups.size.shape[0])[None, :]
+        earlier = jnp.sum(jnp.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # rank within arm
+        pos = (cursor[arms] + earlier) % size
+    return groups.order[groups.start[arms] + pos]
+
+
+def segment_mean(values, segments, num_segments: int, where=None):
+    """Per-segment ``(mean, count)`` of ``values`` [B] (mean 0 where the count is 0)."""
+    w = jnp.ones_like(values, jnp.float32) if where is None else where.astype(jnp.float32)
+    total = jax.ops.segment_sum(values.astype(jnp.float32) * w, segments, num_segments=num_segments)
+    count = jax.ops.segment_sum(w, segments, num_segments=num_segments)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0), count
+
+
+def track_loss(ema, seen, indices, loss, decay: float):
+    """Exponential moving average of each row's loss; rows drawn twice in a batch use their
+    batch mean; a row's first value is taken as is. Returns ``(ema, seen)``.
+
+    O(B^2 + B): the batch's rows are gathered, updated and scattered back (duplicates write the
+    same value), so nothing of size E is rebuilt per step."""
+    loss = loss.astype(jnp.float32)
+    same = (indices[:, None] == indices[None, :]).astype(jnp.float32)  # [B, B]
+    batch_mean = jnp.sum(same * loss[None, :], axis=1) / jnp.sum(same, axis=1)  # no matmul: exact
+    new = jnp.where(seen[indices], decay * ema[indices] + (1.0 - decay) * batch_mean, batch_mean)
+    return ema.at[indices].set(new), seen.at[indices].set(True)
+
+
+def fill_unseen(ema, seen):
+    """``ema`` with unseen rows set to the mean over seen rows (or 0 when none is seen)."""
+    n = jnp.sum(seen)
+    mean = jnp.sum(jnp.where(seen, ema, 0.0)) / jnp.maximum(n, 1)
+    return jnp.where(seen, ema, mean)
+
+
+def masked_quantile(values, mask, q, iters: int = 32):
+    """The ``q``-quantile (lower; no interpolation) of ``values[mask]`` by bisection: ``iters``
+    masked counts over E rows instead of a sort. Returns the smallest ``x`` found with
+    ``#{v <= x} >= q * n``."""
+    n = jnp.sum(mask)
+    big = jnp.finfo(jnp.float32).max
+    lo = jnp.min(jnp.where(mask, values, big))
+    hi = jnp.max(jnp.where(mask, values, -big))
+    target = jnp.ceil(q * n)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        ok = jnp.sum(mask & (values <= mid)) >= target
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    _, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
+    return hi

@@ -1,0 +1,289 @@
+"""Input-side transforms (issue 6): Masked Thought, prefix sampling, scheduled sampling, UL2."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from curriculax import transforms
+from curriculax.data.bank import Batch, ExampleBank
+from curriculax.data.synthetic import arithmetic
+from curriculax.data.tokenizer import ByteTokenizer
+from curriculax.models import ModelConfig, Transformer
+from curriculax.objectives import ul2 as ul2_lib
+from curriculax.transforms import TransformContext, masked_thought as mt
+from curriculax.transforms import prefix_sampling as ps
+from curriculax.transforms import scheduled_sampling as ss
+from curriculax.transforms.schedule import scheduled_value
+
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def bank():
+    return ExampleBank.build(arithmetic(64, 0, min_steps=1, max_steps=2), TOK, 192).bank
+
+
+def _batch(bank) -> Batch:
+    return jax.tree.map(jnp.asarray, bank.gather(np.arange(bank.tokens.shape[0])))
+
+
+def _ctx(name, cfg, step=0, total=100, curriculum=None):
+    return TransformContext(step=jnp.asarray(step), total_steps=total, curriculum=curriculum,
+                            config=cfg, mask_id=TOK.mask_id, pad_id=TOK.pad_id)
+
+
+# ---------------------------------------------------------------- Masked Thought
+def test_masked_thought_worked_example_fixed_uniforms():
+    tokens = jnp.array([[11, 12, 13, 21, 22, 23, 24, 2]])
+    span = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]], bool)
+    u = jnp.array([[0.0, 0.0, 0.0, 0.10, 0.55, 0.39, 0.80, 0.05]])  # prompt draws < p too
+    chosen = mt.mask_from_uniforms(span, u, 0.4)
+    np.testing.assert_array_equal(jnp.where(chosen, 99, tokens)[0], [11, 12, 13, 99, 22, 99, 24, 99])
+
+
+def test_masked_thought_schedule_worked_example():
+    p = lambda s, w: float(scheduled_value(0.4, s, 100, schedule="linear_warmup", warmup_ratio=w))  # noqa
+    assert p(0, 0.66) == 0.0
+    np.testing.assert_allclose([p(33, 0.66), p(67, 0.66), p(100, 0.66)], [0.197015, 0.4, 0.4], atol=1e-6)
+    np.testing.assert_allclose([p(33, 2 / 3), p(67, 2 / 3)], [0.195074, 0.396059], atol=1e-6)
+
+
+@pytest.mark.parametrize("selection", ["independent", "exact_count"])
+def test_masked_thought_only_touches_reasoning_and_hits_the_ratio(bank, selection):
+    batch = _batch(bank)
+    cfg = mt.default_config()
+    cfg.update(ratio=0.3, schedule="constant", selection=selection)
+    total_masked = total_span = 0
+    for seed in range(8):
+        out = mt.apply(batch, jax.random.PRNGKey(seed), _ctx("masked_thought", cfg))
+        changed = np.asarray(out.tokens != batch.tokens)
+        span = np.asarray(batch.reasoning_mask)
+        assert not np.any(changed & ~span)  # prompt, answer line, eos, pad untouched
+        assert not np.any(changed & (np.asarray(batch.tokens) == ord("#")))  # the "####" line
+        assert np.all(np.asarray(out.tokens)[changed] == TOK.mask_id)
+        np.testing.assert_array_equal(out.targets, batch.targets)  # targets stay original
+        np.testing.assert_array_equal(out.loss_mask, batch.loss_mask)
+        total_masked += changed.sum()
+        total_span += span.sum()
+    rate, sd = total_masked / total_span, np.sqrt(0.3 * 0.7 / total_span)
+    assert abs(rate - 0.3) < 5 * sd, (rate, sd)
+    # the prompt and the answer line are never in the span
+    prompt = np.arange(batch.tokens.shape[1])[None] < np.asarray(batch.prompt_len)[:, None]
+    assert not np.any(span & prompt)
+    cfg.ratio = 1.0
+    full = mt.apply(batch, jax.random.PRNGKey(0), _ctx("masked_thought", cfg))
+    np.testing.assert_array_equal(np.asarray(full.tokens) == TOK.mask_id, span)
+
+
+def test_masked_thought_ratio_from_curriculum_and_random_replacement(bank):
+    batch = _batch(bank)
+    cfg = mt.default_config()
+    cfg.update(from_curriculum="mask_ratio", replace_rate=1.0, vocab_size=256)
+    out = mt.apply(batch, jax.random.PRNGKey(1), _ctx("masked_thought", cfg,
+                                                       curriculum={"mask_ratio": jnp.asarray(0.0)}))
+    np.testing.assert_array_equal(out.tokens, batch.tokens)
+    out = mt.apply(batch, jax.random.PRNGKey(1), _ctx("masked_thought", cfg,
+                                                       curriculum={"mask_ratio": jnp.asarray(1.0)}))
+    changed = np.asarray(out.tokens != batch.tokens)
+    assert changed.mean() > 0 and np.all(np.asarray(out.tokens)[changed] < 256)
+    assert not np.any(np.asarray(out.tokens) == TOK.mask_id)
+
+
+# ---------------------------------------------------------------- prefix sampling
+def test_prefix_sampling_keeps_a_response_prefix_and_cuts_the_rest(bank):
+    batch = _batch(bank)
+    cfg = ps.default_config()
+    # linear 0.25 -> 1.0 over half the run
+    fr = lambda s: float(ps.from_config(cfg, "ratio", _ctx("p", cfg, step=s, total=100)))  # noqa
+    np.testing.assert_allclose([fr(0), fr(25), fr(50), fr(90)], [0.25, 0.625, 1.0, 1.0], atol=1e-6)
+    out = ps.apply(batch, jax.random.PRNGKey(0), _ctx("prefix_sampling", cfg, step=0))
+    n = np.asarray(batch.loss_mask.sum(-1))
+    k = np.asarray(out.loss_mask.sum(-1))
+    np.testing.assert_array_equal(k, np.maximum(1, np.ceil(0.25 * n - 1e-6)))
+    for r in range(batch.tokens.shape[0]):
+        kept = np.flatnonzero(out.loss_mask[r])
+        resp = np.flatnonzero(batch.loss_mask[r])
+        np.testing.assert_array_equal(kept, resp[: len(kept)])  # a prefix
+        last = kept[-1]
+        np.testing.assert_array_equal(out.tokens[r, : last + 1], batch.tokens[r, : last + 1])
+        assert np.all(np.asarray(out.tokens[r, last + 1:]) == TOK.pad_id)
+        assert np.all(np.asarray(out.targets[r, last + 1:]) == TOK.pad_id)
+    done = ps.apply(batch, jax.random.PRNGKey(0), _ctx("prefix_sampling", cfg, step=60))
+    np.testing.assert_array_equal(done.loss_mask, batch.loss_mask)
+    cfg.sampling = "uniform"
+    rnd = ps.apply(batch, jax.random.PRNGKey(0), _ctx("prefix_sampling", cfg, step=60))
+    frac = np.asarray(rnd.loss_mask.sum(-1)) / n
+    assert 0.3 < frac.mean() < 0.7 and frac.min() > 0
+
+
+# ---------------------------------------------------------------- scheduled sampling
+def test_scheduled_sampling_decays_and_mixes_worked_examples():
+    d = lambda kind, i, **kw: float(ss.bengio_decay(kind, i, **kw))  # noqa: E731
+    np.testing.assert_allclose([d("exponential", i, k=0.9999) for i in (0, 1000, 10000)],
+                               [1.0, 0.904833, 0.367861], atol=1e-5)
+    np.testing.assert_allclose([d("inverse_sigmoid", i, k=2000) for i in (0, 10000, 20000)],
+                               [0.9995, 0.93092, 0.083242], atol=1e-5)
+    np.testing.assert_allclose([d("linear_decay", i, k=1, c=1e-5, limit=0.1) for i in (0, 50000, 100000)],
+                               [1.0, 0.5, 0.1], atol=1e-6)
+    table = jnp.array([[1.0, 0], [0, 1], [1, 1]])
+    soft = jax.nn.softmax(jnp.array([2.0, 1, 0])) @ table
+    np.testing.assert_allclose(soft, [0.755272, 0.334759], atol=1e-6)
+    gold, use = jnp.array([[[0.0, 1.0]]]), jnp.array([[True]])
+    np.testing.assert_allclose(ss.mix_embeddings(gold, soft[None, None], use, "mean")[0, 0],
+                               [0.377636, 0.667380], atol=1e-6)
+    np.testing.assert_allclose(ss.mix_embeddings(gold, soft[None, None], use, "gate", 0.3)[0, 0],
+                               [0.528690, 0.534331], atol=1e-6)
+    np.testing.assert_allclose(ss.mix_embeddings(gold, soft[None, None], ~use, "mean"), gold)
+
+
+def _tiny_model():
+    cfg = ModelConfig.tiny(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1,
+                           num_heads=2, num_kv_heads=1, head_dim=16, max_seq_len=128)
+    return Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+def test_model_inputs_embeds_matches_token_lookup(bank):
+    model = _tiny_model()
+    tokens = jnp.asarray(bank.tokens[:2])
+    run = nnx.jit(lambda m, t, e: (m(t, inputs_embeds=e), m(t)))
+    with_embeds, plain = run(model, tokens, jnp.take(model.embed[...], tokens, axis=0))
+    np.testing.assert_allclose(with_embeds, plain, atol=1e-6)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        model(tokens, inputs_embeds=jnp.zeros((2, 3, 32)))
+
+
+@pytest.mark.parametrize("prediction", ["sample", "argmax", "soft"])
+def test_scheduled_sampling_embed_hook(bank, prediction):
+    model = _tiny_model()
+    batch = jax.tree.map(lambda x: x[:4], _batch(bank))
+    gold = jnp.take(model.embed[...], batch.tokens, axis=0)
+    cfg = ss.default_config()
+    cfg.update(prediction=prediction, schedule="constant", p_gold=1.0)
+    np.testing.assert_array_equal(ss.embed(model, batch, jax.random.PRNGKey(0), _ctx("s", cfg)), gold)
+    cfg.update(p_gold=0.0, mix="replace")
+    out = ss.embed(model, batch, jax.random.PRNGKey(0), _ctx("s", cfg))
+    changed = np.any(np.asarray(out != gold), -1)
+    resp_in = np.asarray(mt.response_input_mask(batch))
+    assert not np.any(changed & ~resp_in)  # prompt inputs stay gold
+    assert changed.mean() > 0
+    if prediction == "argmax":  # the prediction made at t-1 is the input at t
+        pred = jnp.argmax(model.logits(model(batch.tokens)), -1)
+        want = jnp.take(model.embed[...], pred[:, :-1], axis=0)
+        np.testing.assert_allclose(np.asarray(out[:, 1:])[resp_in[:, 1:]],
+                                   np.asarray(want)[resp_in[:, 1:]], atol=1e-6)
+
+
+# ---------------------------------------------------------------- UL2
+def test_ul2_span_counts_match_the_worked_example():
+    for (rate, mu, noise, spans) in ((0.15, 3, 15, 5), (0.5, 64, 50, 1), (0.15, 8, 15, 2)):
+        m, sid, nn, ns = ul2_lib.random_spans_noise_mask(100, jax.random.PRNGKey(0), corruption_rate=rate,
+                                                          mean_span=mu, size=128)
+        assert (int(nn), int(ns)) == (noise, spans)
+        assert int(m.sum()) == noise and int(sid.max()) + 1 == spans
+        assert not m[0] and m[99] and not m[100:].any()  # starts clean, ends noisy
+
+
+def test_ul2_spans_cover_the_requested_corruption_rate():
+    for rate, mu in ((0.15, 3.0), (0.5, 8.0), (0.25, 2.0)):
+        def one(n, key):
+            return ul2_lib.random_spans_noise_mask(n, key, corruption_rate=rate, mean_span=mu, size=160)
+        ns = jnp.asarray(np.random.default_rng(0).integers(8, 150, 256))
+        m, sid, nn, nsp = jax.vmap(one)(ns, jax.random.split(jax.random.PRNGKey(1), 256))
+        np.testing.assert_array_equal(m.sum(-1), np.clip(np.round(np.asarray(ns) * rate), 1, np.asarray(ns) - 1))
+        np.testing.assert_allclose(float(m.sum() / ns.sum()), rate, atol=0.01)
+        # spans are contiguous runs: number of runs == num_spans, mean length ~ mu
+        runs = np.sum(np.diff(np.asarray(m).astype(int), axis=-1) == 1, -1)
+        np.testing.assert_array_equal(runs, nsp)
+
+
+def _decode_row(tokens, targets, loss_mask, sentinels):
+    """Rebuild the corrupted document from a UL2 row with unique sentinels."""
+    seq = list(np.asarray(tokens)) + [int(targets[-1])]
+    tgt_start = int(np.flatnonzero(loss_mask)[0]) + 1
+    inputs, tgt = seq[:tgt_start], [int(targets[i]) for i in np.flatnonzero(loss_mask)]
+    spans, cur = {}, None
+    for t in tgt[:-1]:  # drop the final eos
+        if t in sentinels:
+            cur = t
+            spans[cur] = []
+        else:
+            spans[cur].append(t)
+    out = []
+    for t in inputs:
+        out.extend(spans[t] if t in sentinels else [t])
+    return out, tgt[-1]
+
+
+def test_ul2_rows_decode_back_to_the_original(bank):
+    batch = _batch(bank)
+    sentinels = tuple(range(300, 340))
+    cfg = ul2_lib.default_config()
+    cfg.update(sentinel_ids=sentinels, denoisers=("R:3:0.15", "X:8:0.5"), weights=(1.0, 1.0))
+    model_vocab_rows = batch.tokens.shape[1]
+    out = jax.jit(lambda b, r: transforms.get("ul2").apply(b, r, _ctx("ul2", cfg)))(batch, jax.random.PRNGKey(0))
+    mode_ids = set(cfg.mode_token_ids)
+    assert bank.info.num_truncated == 0
+    for r in range(16):
+        n_valid = int(np.flatnonzero(batch.loss_mask[r])[-1]) + 1
+        original = list(np.asarray(batch.tokens[r, :n_valid])) + [int(batch.targets[r, n_valid - 1])]
+        pl = int(batch.prompt_len[r])
+        doc, eos = _decode_row(out.tokens[r], out.targets[r], out.loss_mask[r], set(sentinels))
+        assert doc[pl] in mode_ids and doc[:pl] == original[:pl]  # prompt kept, then the mode token
+        assert doc[pl + 1:] == original[pl:-1] and eos == TOK.eos_id
+    assert model_vocab_rows == out.tokens.shape[1]
+
+
+def test_ul2_s_denoiser_prefix_lm_loss_region():
+    # seq = [bos] 10..17 eos ; region "all" -> prefix [bos], then [S2S], doc, eos
+    t = 16
+    seq = np.full(t + 1, TOK.pad_id, np.int32)
+    seq[:10] = [TOK.bos_id] + list(range(10, 18)) + [TOK.eos_id]
+    tokens, targets = seq[:-1][None], seq[1:][None]
+    loss_mask = np.zeros((1, t), bool)
+    loss_mask[0, :9] = True
+    zeros = jnp.zeros((1,), jnp.int32)
+    batch = Batch(tokens=jnp.asarray(tokens), targets=jnp.asarray(targets), loss_mask=jnp.asarray(loss_mask),
+                  reasoning_mask=jnp.zeros((1, t), bool), prompt_len=zeros + 1, category=zeros,
+                  difficulty=zeros, example_id=zeros)
+    cfg = ul2_lib.default_config()
+    cfg.update(denoisers=("S",), weights=(1.0,), region="all")
+    seen = set()
+    apply = jax.jit(lambda b, r: transforms.get("ul2").apply(b, r, _ctx("ul2", cfg)))
+    for seed in range(40):
+        out = apply(batch, jax.random.PRNGKey(seed))
+        np.testing.assert_array_equal(out.tokens[0, :11], [TOK.bos_id, 262] + list(range(10, 18)) + [TOK.eos_id])
+        tgt = np.asarray(out.targets[0])[np.asarray(out.loss_mask[0])]
+        m = len(tgt) - 1  # pivot (targets = doc[8-m:] + eos)
+        np.testing.assert_array_equal(tgt, list(range(18 - m, 18)) + [TOK.eos_id])
+        seen.add(m)
+    assert seen <= set(range(1, 9)) and len(seen) > 4
+
+
+def test_ul2_apply_prob_zero_is_identity(bank):
+    batch = _batch(bank)
+    cfg = ul2_lib.default_config()
+    cfg.apply_prob = 0.0
+    out = jax.jit(lambda b, r: transforms.get("ul2").apply(b, r, _ctx("ul2", cfg)))(batch, jax.random.PRNGKey(0))
+    jax.tree.map(np.testing.assert_array_equal, out, batch)
+
+
+def test_shared_schedules_and_composition(bank):
+    from curriculax.curriculum import schedules
+
+    for s in (0, 30, 60, 100):
+        np.testing.assert_allclose(
+            scheduled_value(0.5, s, 100, schedule="zerosearch", schedule_kwargs={"base": 4.0}),
+            schedules.zerosearch(s, 100, 0.0, 0.5, 4.0), rtol=1e-6)
+        np.testing.assert_allclose(scheduled_value(0.4, s, 100, schedule="cosine", warmup_ratio=0.5),
+                                   schedules.cosine(min(s, 50), 50, 0.0, 0.4), rtol=1e-6)
+    # prefix sampling then Masked Thought: masking stays inside the kept reasoning prefix
+    batch = _batch(bank)
+    pcfg, mcfg = ps.default_config(), mt.default_config()
+    mcfg.update(ratio=1.0, schedule="constant")
+    cut = ps.apply(batch, jax.random.PRNGKey(0), _ctx("prefix_sampling", pcfg, step=10))
+    out = mt.apply(cut, jax.random.PRNGKey(1), _ctx("masked_thought", mcfg, step=10))
+    masked = np.asarray(out.tokens == TOK.mask_id)
+    np.testing.assert_array_equal(masked, np.asarray(cut.reasoning_mask))
+    assert not np.any(masked & ~np.asarray(batch.reasoning_mask))
