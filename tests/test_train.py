@@ -182,3 +182,9 @@ def test_streaming_pools_same_structure_and_exact_resume(tmp_path):
     a, b = _final_state(tmp_path / "resumed", cfg), _final_state(tmp_path / "straight", cfg)
     jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
     np.testing.assert_array_equal(_losses(tmp_path / "resumed")[-1], _losses(tmp_path / "straight")[-1])
+
+
+def test_relative_workdir_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train_loop(tiny_config(steps=2, checkpoint_every=1, eval_every=2, log_every=1), "rel/run")
+    assert checkpoint.manager("rel/run", async_save=False).latest_step() == 2

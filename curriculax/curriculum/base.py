@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from curriculax.registry import Registry
+
 
 @struct.dataclass
 class BankMeta:
@@ -71,27 +73,10 @@ class Curriculum(NamedTuple):
     probe: Callable[[Any, jax.Array, BankMeta], jax.Array] | None = None
 
 
-_REGISTRY: dict[str, Curriculum] = {}
-
-
-def register(name: str, curriculum: Curriculum) -> Curriculum:
-    if name in _REGISTRY:
-        raise ValueError(f"Curriculum {name!r} is already registered.")
-    _REGISTRY[name] = curriculum
-    return curriculum
-
-
-def get(name: str) -> Curriculum:
-    """The curriculum registered under ``name`` (config field ``curriculum.name``)."""
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"Unknown curriculum.name={name!r}; registered curricula: {sorted(_REGISTRY)}."
-        )
-    return _REGISTRY[name]
-
-
-def names() -> list[str]:
-    return sorted(_REGISTRY)
+_REGISTRY: Registry[Curriculum] = Registry("curriculum", "curriculum.name")
+register = _REGISTRY.register
+get = _REGISTRY.get  # the curriculum registered under a name (config field curriculum.name)
+names = _REGISTRY.names
 
 
 def uniform_weights(batch_size: int) -> jax.Array:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from curriculax.kernels import fused_lm_head
+from curriculax.registry import Registry
 
 NORMALIZATIONS = ("token", "sequence", "batch", "constant")
 
@@ -29,24 +30,10 @@ class Objective(NamedTuple):
     kernel_options: Callable[[Any], dict] | None = None
 
 
-_REGISTRY: dict[str, Objective] = {}
-
-
-def register(name: str, objective: Objective) -> Objective:
-    if name in _REGISTRY:
-        raise ValueError(f"Objective {name!r} is already registered.")
-    _REGISTRY[name] = objective
-    return objective
-
-
-def get(name: str) -> Objective:
-    if name not in _REGISTRY:
-        raise ValueError(f"Unknown objective.name={name!r}; registered objectives: {sorted(_REGISTRY)}.")
-    return _REGISTRY[name]
-
-
-def names() -> list[str]:
-    return sorted(_REGISTRY)
+_REGISTRY: Registry[Objective] = Registry("objective", "objective.name")
+register = _REGISTRY.register
+get = _REGISTRY.get  # the objective registered under a name (config field objective.name)
+names = _REGISTRY.names
 
 
 def lm_head_stats(hidden_BxTxd, weight_dxV, targets_BxT, mask_BxT, **kernel_kwargs):

@@ -36,7 +36,9 @@ def local_dir(workdir) -> pathlib.Path:
 def manager(workdir, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(epath.Path(str(workdir)) / "checkpoints", options=options)
+    # Orbax needs absolute paths; a relative local --workdir (runs/quickstart) is resolved here.
+    root = epath.Path(str(workdir)) if is_remote(workdir) else epath.Path(pathlib.Path(workdir).resolve())
+    return ocp.CheckpointManager(root / "checkpoints", options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, info: dict) -> None:

@@ -13,6 +13,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 from flax import struct
 
+from curriculax.registry import Registry
+
 
 @struct.dataclass
 class TransformContext:
@@ -32,21 +34,7 @@ class Transform(NamedTuple):
     embed: Callable[[Any, Any, jax.Array, TransformContext], jax.Array] | None = None
 
 
-_REGISTRY: dict[str, Transform] = {}
-
-
-def register(name: str, transform: Transform) -> Transform:
-    if name in _REGISTRY:
-        raise ValueError(f"Transform {name!r} is already registered.")
-    _REGISTRY[name] = transform
-    return transform
-
-
-def get(name: str) -> Transform:
-    if name not in _REGISTRY:
-        raise ValueError(f"Unknown transform {name!r} in config.transforms; registered: {sorted(_REGISTRY)}.")
-    return _REGISTRY[name]
-
-
-def names() -> list[str]:
-    return sorted(_REGISTRY)
+_REGISTRY: Registry[Transform] = Registry("transform", "config.transforms entry")
+register = _REGISTRY.register
+get = _REGISTRY.get
+names = _REGISTRY.names
