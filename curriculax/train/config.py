@@ -89,6 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.log_every = 10
     c.eval_every = 200
+    c.eval_at_start = False  # also evaluate the untrained model at step 0
     c.checkpoint_every = 200
     c.keep_checkpoints = 3
     c.async_checkpoints = True
@@ -120,6 +121,7 @@ def quickstart_config() -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 30
     c.eval_every = 100
     c.checkpoint_every = 100
+    c.eval_at_start = True
     c.eval.max_new_tokens = 40
     return c
 

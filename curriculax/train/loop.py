@@ -88,16 +88,22 @@ def train(cfg, workdir) -> dict:
             writer.write(at_step, host)
         return host
 
-    def actions(at_step, force=False):
-        if at_step % cfg.eval_every == 0 or at_step == cfg.steps or force:
-            result = evaluate(exp, state.params)
-            last.update(result)
-            if writer:
-                writer.write(at_step, result)
-                if cfg.plots:
-                    plots.draw(local)
-        if at_step % cfg.checkpoint_every == 0 or at_step == stop or force:
+    def run_eval(at_step):
+        result = evaluate(exp, state.params)
+        last.update(result)
+        if writer:
+            writer.write(at_step, result)
+            if cfg.plots:
+                plots.draw(local)
+
+    def actions(at_step):
+        if at_step % cfg.eval_every == 0 or at_step == cfg.steps:
+            run_eval(at_step)
+        if at_step % cfg.checkpoint_every == 0 or at_step == stop:
             checkpoint.save(mngr, at_step, state, {"step": at_step, **info})
+
+    if step == 0 and cfg.eval_at_start:  # the untrained baseline, for "how much did it learn"
+        run_eval(0)
 
     bar = tqdm(total=stop, initial=step, disable=not (lead and cfg.progress_bar),
                desc="train", dynamic_ncols=True)
