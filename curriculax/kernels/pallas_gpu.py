@@ -206,6 +206,18 @@ def _fwd_kernel(*refs, n_rows, vocab, n_vblocks, per_split, bn, bv, bk, shares_x
         ref[...] = getattr(st, name)[:, 0]
 
 
+def _tiles(h, w, hr, opts: HeadOpts, defaults, block_n, block_v, block_d, num_stages):
+    """Power-of-two tile sizes (user's or tuned defaults) shrunk to fit shared memory."""
+    n, d = h.shape
+    dn, dv, dk = _defaults(opts, *defaults)
+    bn = _pow2_block(block_n, dn, n)
+    bv = _pow2_block(block_v, dv, w.shape[1])
+    bk = _pow2_block(block_d, dk, max(d, hr.shape[1] if hr is not None else d))
+    itemsize = max(h.dtype.itemsize, w.dtype.itemsize)
+    bk, num_stages = _fit_smem(bn, bv, bk, num_stages, itemsize, 2 if (opts.with_kl and hr is None) else 1)
+    return bn, bv, bk, num_stages
+
+
 def forward(
     h, w, hr, wr, targets, row_hash, opts: HeadOpts, *,
     block_n=None, block_v=None, block_d=None, num_splits=None, interpret=False, num_warps=None, num_stages=3,
@@ -213,12 +225,8 @@ def forward(
     """Online state ``[N, 1]`` per field, computed by the fused Triton kernel."""
     n, d = h.shape
     vocab = w.shape[1]
-    dn, dv, dk = _defaults(opts, FWD_BLOCKS, EXTRA_FWD_BLOCKS)
-    bn = _pow2_block(block_n, dn, n)
-    bv = _pow2_block(block_v, dv, vocab)
-    bk = _pow2_block(block_d, dk, max(d, hr.shape[1] if hr is not None else d))
-    itemsize = max(h.dtype.itemsize, w.dtype.itemsize)
-    bk, num_stages = _fit_smem(bn, bv, bk, num_stages, itemsize, 2 if (opts.with_kl and hr is None) else 1)
+    bn, bv, bk, num_stages = _tiles(h, w, hr, opts, (FWD_BLOCKS, EXTRA_FWD_BLOCKS), block_n, block_v,
+                                    block_d, num_stages)
     nb = pl.cdiv(n, bn)
     nvb = pl.cdiv(vocab, bv)
     splits = num_splits or pl.cdiv(_TARGET_PROGRAMS, nb)
@@ -307,12 +315,8 @@ def backward(
     """``(d_hidden, d_weight)``: Pallas-fused ``dlogits`` per vocab chunk + XLA GEMMs."""
     n, d = h.shape
     vocab = w.shape[1]
-    dn, dv, dk = _defaults(opts, BWD_BLOCKS, EXTRA_BWD_BLOCKS)
-    bn = _pow2_block(block_n, dn, n)
-    bv = _pow2_block(block_v, dv, vocab)
-    bk = _pow2_block(block_d, dk, max(d, hr.shape[1] if hr is not None else d))
-    itemsize = max(h.dtype.itemsize, w.dtype.itemsize)
-    bk, num_stages = _fit_smem(bn, bv, bk, num_stages, itemsize, 2 if (opts.with_kl and hr is None) else 1)
+    bn, bv, bk, num_stages = _tiles(h, w, hr, opts, (BWD_BLOCKS, EXTRA_BWD_BLOCKS), block_n, block_v,
+                                    block_d, num_stages)
     nb = pl.cdiv(n, bn)
     n_pad = nb * bn
     if chunk_v is None:
