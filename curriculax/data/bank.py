@@ -88,6 +88,7 @@ class ExampleBank:
     bank: Bank  # host numpy arrays; the trainer places them on the mesh
     ids: list[str]
     answers: list[str]
+    records: list[dict] = dataclasses.field(default_factory=list)  # source record of each row
 
     @property
     def info(self) -> BankInfo:
@@ -115,7 +116,7 @@ class ExampleBank:
             raise ValueError("ExampleBank.build got no records: check the data source and filters.")
         cats = tuple(category_names or sorted({r["category"] for r in records}))
         cat_index = {c: i for i, c in enumerate(cats)}
-        rows, ids, answers = [], [], []
+        rows, ids, answers, kept = [], [], [], []
         truncated = dropped = 0
         for rec in records:
             if rec["category"] not in cat_index:
@@ -129,6 +130,7 @@ class ExampleBank:
             rows.append((row, cat_index[rec["category"]], int(rec["difficulty"])))
             ids.append(str(rec["id"]))
             answers.append(str(rec.get("answer", "")))
+            kept.append(rec)
         if not rows:
             raise ValueError(
                 f"All {len(records)} records are longer than data.seq_len={seq_len}; raise it."
@@ -139,7 +141,7 @@ class ExampleBank:
                         difficulty_max=int(diffs.max()), num_truncated=truncated,
                         num_dropped=dropped, pad_id=int(tokenizer.pad_id),
                         mask_id=getattr(tokenizer, "mask_id", None))
-        return cls(Bank(**arrays, info=info), ids, answers)
+        return cls(Bank(**arrays, info=info), ids, answers, kept)
 
     def prompts(self, indices: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded prompt tokens ``[N,P]`` and their mask, for decoding."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import re
+from collections.abc import Callable
 
 import numpy as np
 from flax import nnx
@@ -51,8 +52,13 @@ def answers_match(predicted: str | None, reference: str) -> bool:
 
 
 def evaluate(model: nnx.Module, data: ExampleBank, tokenizer, *, batch_size: int = 64,
-             max_new_tokens: int = 64, limit: int | None = None) -> dict[str, float]:
-    """Greedy exact-match accuracy overall, per category and per difficulty."""
+             max_new_tokens: int = 64, limit: int | None = None,
+             judge: Callable[[str, dict], bool] | None = None) -> dict[str, float]:
+    """Greedy exact-match accuracy overall, per category and per difficulty.
+
+    ``judge(text, record) -> bool`` replaces the final-answer comparison (e.g. a countdown
+    verifier, whose answer is an expression rather than the target number).
+    """
     n = len(data) if limit is None else min(limit, len(data))
     correct = np.zeros(n, bool)
     for lo in range(0, n, batch_size):
@@ -67,7 +73,8 @@ def evaluate(model: nnx.Module, data: ExampleBank, tokenizer, *, batch_size: int
                                   pad_id=data.info.pad_id, prompt_mask=mask))
         for r, i in enumerate(idx):
             text = tokenizer.decode([int(t) for t in out[r] if t != data.info.pad_id])
-            correct[i] = answers_match(extract_answer(text), data.answers[i])
+            correct[i] = (judge(text, data.records[i]) if judge is not None
+                          else answers_match(extract_answer(text), data.answers[i]))
     return summarize(correct, data.bank.category[:n], data.bank.difficulty[:n],
                      data.info.category_names)
 

@@ -49,13 +49,9 @@ def pick_token(logits_BxV, rng, temperature: float, top_p: float):
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "eos_id", "pad_id"),
-)
-def _decode(graphdef, state, prompt_BxP, mask_BxP, rng, *, max_new_tokens, temperature, top_p,
-            eos_id, pad_id) -> Generation:
-    model = nnx.merge(graphdef, state)
+def decode_model(model, prompt_BxP, mask_BxP, rng, *, max_new_tokens: int, temperature: float,
+                 top_p: float, eos_id: int | None, pad_id: int) -> Generation:
+    """Decoding as a pure function of a model: traceable inside any jitted step (RL rollouts)."""
     cfg = model.config
     b, p = prompt_BxP.shape
     seg = mask_BxP.astype(jnp.int32)
@@ -80,6 +76,14 @@ def _decode(graphdef, state, prompt_BxP, mask_BxP, rng, *, max_new_tokens, tempe
     keys = jax.random.split(rng, max_new_tokens)
     _, (tokens, logps, emitted) = jax.lax.scan(step, init, keys)
     return Generation(tokens.T, logps.T, emitted.T)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "eos_id", "pad_id"),
+)
+def _decode(graphdef, state, prompt_BxP, mask_BxP, rng, **kwargs) -> Generation:
+    return decode_model(nnx.merge(graphdef, state), prompt_BxP, mask_BxP, rng, **kwargs)
 
 
 def decode(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.0,

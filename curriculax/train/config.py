@@ -33,6 +33,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Model: `hf_path` loads a Hugging Face checkpoint; otherwise the fields below build one.
     c.model = ml_collections.ConfigDict(model_fields(ModelConfig.tiny()))
     c.model.hf_path = ""
+    c.model.init_from = ""  # workdir of an earlier run: start from its latest params (RL after SFT)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "arithmetic"  # arithmetic | countdown | gsm8k | math | jsonl | tfds
@@ -60,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
     # `transform_config.<name>` holds each one's settings (module defaults when absent).
     c.transforms = ()
     c.transform_config = ml_collections.ConfigDict()
+
+    c.trainer = "sft"  # sft | rl | spin (curriculax.train.trainers)
+    c.rl = rl_config()
 
     c.objective = ml_collections.ConfigDict()
     c.objective.name = "sft"
@@ -99,9 +103,46 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 64
     c.eval.max_new_tokens = 64
+    # How a greedy answer is judged: a reward name from curriculax.rl.rewards (correct iff the
+    # reward >= 1), e.g. "countdown" to verify expressions; "math_answer" compares final answers.
+    c.eval.reward = "math_answer"
 
     c.required_fields = ()  # dotted names a config file requires to be set (non-empty)
     return c
+
+
+def rl_config() -> ml_collections.ConfigDict:
+    """Settings of ``trainer="rl"`` (GRPO by default; ``docs/rl.md``). ``batch_size`` = prompts."""
+    return ml_collections.ConfigDict(dict(
+        group_size=8,  # G completions per prompt
+        max_new_tokens=64,
+        temperature=1.0,
+        top_p=1.0,
+        loss="grpo",  # grpo | nft (curriculax.rl.base registry)
+        clip_eps_low=0.2,
+        clip_eps_high=0.2,  # DAPO clip-higher: 0.28
+        dual_clip=0.0,  # > 0: verl's dual clip c for negative advantages (3.0)
+        kl_coef=0.0,  # beta of the k3 KL to the starting model
+        aggregation="token_mean",  # token_mean | seq_mean_token_mean | seq_mean_token_sum | dr_grpo | seq_sum_norm
+        advantage_std="bessel",  # bessel | population | none (Dr. GRPO)
+        advantage_eps=1e-6,
+        inner_steps=1,  # optimizer passes over each rollout batch
+        minibatches=1,  # optimizer steps per pass
+        rewards=(("math_answer", 1.0),),  # (name, weight) pairs from curriculax.rl.rewards
+        success_threshold=1.0,  # reward >= this counts as solved
+        # NFT (loss="nft")
+        nft_eps_neg=1.0,
+        nft_neg_weight=1.0,
+        # ReLIFT: SFT on the demonstrations of prompts no rollout solved, interleaved with RL.
+        relift=False,
+        relift_sft_size=8,  # SFT batch: taken once this many hardest prompts are buffered
+        relift_capacity=64,
+        relift_entropy_coef=0.0,
+        # SPIN (trainer="spin")
+        spin_beta=0.1,
+        spin_steps_per_iteration=100,
+        spin_loss="sigmoid",
+    ))
 
 
 def quickstart_config() -> ml_collections.ConfigDict:
@@ -127,7 +168,7 @@ def quickstart_config() -> ml_collections.ConfigDict:
 
 
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
-    fields = {k: v for k, v in c.model.items() if k != "hf_path"}
+    fields = {k: v for k, v in c.model.items() if k not in ("hf_path", "init_from")}
     fields["rope_scaling"] = dict(fields["rope_scaling"]) or None
     return ModelConfig.from_dict(fields)
 
@@ -165,3 +206,16 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     if name not in builders:
         raise ValueError(f"Unknown built-in config {name!r}; choose one of {sorted(builders)}.")
     return builders[name]()
+
+
+def sibling_config(config_file: str, name: str, arg: str | None = None):
+    """``get_config(arg)`` of ``<dir of config_file>/<name>.py``: config files build on one
+    another (``configs/reft_rl.py`` on ``reft_sft.py``) without ``configs/`` being a package."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(config_file).resolve().parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_curriculax_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)

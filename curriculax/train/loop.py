@@ -50,8 +50,18 @@ def evaluate(exp: setup.Experiment, params) -> dict[str, float]:
     model = nnx.merge(exp.graphdef, exp.model_params(params))
     e = exp.config.eval
     out = eval_lib.evaluate(model, exp.eval_data, exp.tokenizer, batch_size=e.batch_size,
-                            max_new_tokens=e.max_new_tokens)
+                            max_new_tokens=e.max_new_tokens, judge=_judge(e.get("reward", "")))
     return {f"eval/{k}": v for k, v in out.items()}
+
+
+def _judge(reward_name: str):
+    """``config.eval.reward`` as a pass/fail judge (None: compare final answers)."""
+    if reward_name in ("", "math_answer"):
+        return None
+    from curriculax.rl import rewards
+
+    fn = rewards.get(reward_name)
+    return lambda text, record: fn(text, record) >= 1.0
 
 
 def train(cfg, workdir) -> dict:

@@ -26,10 +26,10 @@ from curriculax.data.sources import load_records
 from curriculax.data.tokenizer import load_tokenizer
 from curriculax.models import ModelConfig, Transformer
 from curriculax.train import config as config_lib
-from curriculax.train import distributed
+from curriculax.train import checkpoint, distributed, trainers
 from curriculax.train.optim import schedule
 from curriculax.train.state import TrainState
-from curriculax.train.step import jit_steps, make_train_step
+from curriculax.train.step import jit_steps
 
 
 @dataclasses.dataclass
@@ -86,7 +86,8 @@ class Experiment:
                 step=jnp.zeros((), jnp.int32), rng=jax.random.fold_in(rng, 1), params=params,
                 opt_state=self.optimizer.init(params),
                 curriculum=self.curriculum.init(cfg.curriculum, meta),
-                ref_params=params if _needs_ref(self.objective) else None, masks=masks,
+                ref_params=params if _needs_ref(self) else None, masks=masks,
+                rl=self.trainer.init_extra(cfg),
             )
 
         rng = jax.random.PRNGKey(cfg.seed)
@@ -98,11 +99,13 @@ class Experiment:
             return params
         return self.sparsity.materialize(params)
 
+    @property
+    def trainer(self) -> trainers.Trainer:
+        return trainers.get(self.config.trainer)
+
     def train_step(self):
-        return make_train_step(graphdef=self.graphdef, curriculum=self.curriculum,
-                               objective=self.objective, optimizer=self.optimizer,
-                               lr_schedule=self.lr_schedule, config=self.config,
-                               mesh=self.mesh, rules=self.rules, sparsity=self.sparsity)
+        """The pure ``step(state, data) -> (state, metrics)`` of ``config.trainer``."""
+        return self.trainer.make_step(self)
 
 
 def _random_params(model_config: ModelConfig, rng):
@@ -116,6 +119,7 @@ def _rules(cfg) -> tuple:
 
 def build(cfg) -> Experiment:
     config_lib.validate(cfg)
+    trainers.get(cfg.trainer).check(cfg)
     cfg = curricula.with_total_steps(cfg)  # curriculum.total_steps 0/absent -> cfg.steps
     m = cfg.mesh
     if jax.process_count() > 1 and m.num_devices not in (0, jax.device_count()):
@@ -187,6 +191,14 @@ def build(cfg) -> Experiment:
     exp.state_shardings = _state_shardings(abstract, param_axes, mesh, rules, optimizer,
                                            example_sharding, num_rows, sparsity,
                                            nnx.to_pure_dict(abstract_params_state))
+    if cfg.model.get("init_from"):
+        if cfg.model.hf_path:
+            raise ValueError("config.model.init_from and config.model.hf_path are both set: "
+                             "choose one starting point.")
+        model_params = nnx.to_pure_dict(abstract_params_state)
+        exp._init_params = checkpoint.load_params(
+            cfg.model.init_from, model_params,
+            sharding.tree_shardings(model_params, param_axes, mesh, rules))
     return exp
 
 
@@ -199,8 +211,8 @@ def _abstract_state(exp: Experiment, abstract_params_state):
         step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0), params=params,
         opt_state=exp.optimizer.init(params),
         curriculum=exp.curriculum.init(exp.config.curriculum, exp.bank.meta()),
-        ref_params=params if _needs_ref(exp.objective) else None,
-        masks=_abstract_masks(exp.sparsity, params),
+        ref_params=params if _needs_ref(exp) else None,
+        masks=_abstract_masks(exp.sparsity, params), rl=exp.trainer.init_extra(exp.config),
     )
 
 
@@ -211,9 +223,10 @@ def _abstract_masks(sparsity, params):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _needs_ref(objective) -> bool:
-    """The frozen reference is the starting model, kept only when the objective reads it."""
-    return "ref" in objective.needs
+def _needs_ref(exp: Experiment) -> bool:
+    """The frozen reference is the starting model, kept only when the objective or trainer
+    reads it (KL anchors, GRPO's KL term, SPIN's opponent)."""
+    return "ref" in exp.objective.needs or exp.trainer.needs_ref(exp.config)
 
 
 def _state_shardings(abstract: TrainState, param_axes, mesh, rules, optimizer, example_sharding,
@@ -244,7 +257,8 @@ def _state_shardings(abstract: TrainState, param_axes, mesh, rules, optimizer, e
 
     return TrainState(step=replicated, rng=replicated, params=params, opt_state=opt_state,
                       curriculum=jax.tree.map(curriculum_leaf, abstract.curriculum),
-                      ref_params=None if abstract.ref_params is None else params, masks=masks)
+                      ref_params=None if abstract.ref_params is None else params, masks=masks,
+                      rl=jax.tree.map(lambda _: replicated, abstract.rl))
 
 
 def _merged_categories(eval_records, train_categories: tuple[str, ...]) -> tuple[str, ...]:

@@ -16,4 +16,5 @@ class TrainState:
     opt_state: Any  # optax state
     curriculum: Any  # the curriculum's state pytree
     masks: Any = None  # sparse-update masks (parameter selection methods)
-    ref_params: Any = None  # frozen reference weights (KL anchors)
+    ref_params: Any = None  # frozen reference weights (KL anchors, SPIN's opponent)
+    rl: Any = None  # the trainer's own state (ReLIFT's buffer of hardest prompts)

@@ -1,0 +1,70 @@
+"""Registers the RL trainers (``config.trainer``): ``"rl"`` (GRPO/NFT, + ReLIFT) and ``"spin"``."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from curriculax.rl import nft, relift, spin_step, step  # noqa: F401  (nft registers its loss)
+from curriculax.rl import rewards as rewards_lib
+from curriculax.train.trainers import Trainer, register
+
+
+def _check(cfg):
+    if cfg.data.pool_size:
+        raise ValueError(f"config.trainer={cfg.trainer!r} needs the resident example bank "
+                         f"(rewards look up each row's record): set config.data.pool_size=0.")
+    if jax.process_count() > 1:
+        raise ValueError(f"config.trainer={cfg.trainer!r} computes rewards in a host callback, "
+                         f"which runs in one process: multi-process RL is not supported yet.")
+
+
+def _model_fn(exp):
+    return exp.model_params if exp.sparsity is not None else (lambda p: p)
+
+
+def prompt_width(exp) -> int:
+    """The widest prompt of the training bank: the static width of left-padded prompts."""
+    return int(np.max(exp.train_data.bank.prompt_len))
+
+
+def _rl_step(exp):
+    cfg = exp.config
+    reward_fn = rewards_lib.combine(cfg.rl.rewards)
+    host = step.reward_callback(exp.train_data.records, exp.tokenizer, reward_fn,
+                                int(cfg.rl.group_size))
+    interleave = relift.make_interleave(graphdef=exp.graphdef, optimizer=exp.optimizer,
+                                        config=cfg, to_model=_model_fn(exp)) if cfg.rl.relift else None
+    return step.make_rl_step(graphdef=exp.graphdef, curriculum=exp.curriculum,
+                             optimizer=exp.optimizer, lr_schedule=exp.lr_schedule, config=cfg,
+                             host_reward=host, prompt_width=prompt_width(exp),
+                             eos_id=exp.tokenizer.eos_id, pad_id=exp.train_data.info.pad_id,
+                             sparsity=exp.sparsity, interleave=interleave)
+
+
+def _rl_extra(cfg):
+    return relift.init(int(cfg.rl.relift_capacity)) if cfg.rl.relift else None
+
+
+def _rl_check(cfg):
+    _check(cfg)
+    if cfg.rl.relift and cfg.rl.relift_capacity < max(cfg.batch_size, cfg.rl.relift_sft_size):
+        raise ValueError(f"config.rl.relift_capacity={cfg.rl.relift_capacity} must hold at least "
+                         f"batch_size={cfg.batch_size} and rl.relift_sft_size="
+                         f"{cfg.rl.relift_sft_size} rows.")
+    rewards_lib.combine(cfg.rl.rewards)  # unknown reward names fail here, before any compile
+
+
+register("rl", Trainer(_rl_step, init_extra=_rl_extra, needs_ref=lambda c: c.rl.kl_coef > 0,
+                       check=_rl_check))
+
+
+def _spin_step(exp):
+    cfg = exp.config
+    return spin_step.make_step(graphdef=exp.graphdef, curriculum=exp.curriculum,
+                          optimizer=exp.optimizer, lr_schedule=exp.lr_schedule, config=cfg,
+                          prompt_width=prompt_width(exp), eos_id=exp.tokenizer.eos_id,
+                          pad_id=exp.train_data.info.pad_id)
+
+
+register("spin", Trainer(_spin_step, needs_ref=lambda c: True, check=_check))

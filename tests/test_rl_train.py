@@ -1,0 +1,147 @@
+"""The RL trainers end to end: GRPO with SEC on countdown, learning a toy reward, ReLIFT, SPIN."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from curriculax.rl import relift, rewards
+from curriculax.train import build, metrics
+from curriculax.train import train as train_loop
+from curriculax.train.step import jit_steps
+from test_train import tiny_config  # tests/ is on sys.path under pytest
+
+
+def _starts_with_digit(text, record):
+    """Toy reward a random byte model can learn in a few steps (has variance from step 0)."""
+    return float(bool(text) and text[0].isdigit())
+
+
+if "test_starts_with_digit" not in rewards.names():
+    rewards.register("test_starts_with_digit", _starts_with_digit)
+    rewards.register("test_never", lambda text, record: 0.0)
+
+RL = {"trainer": "rl", "batch_size": 4, "rl.group_size": 4, "rl.max_new_tokens": 8,
+      "log_every": 1, "eval_every": 100, "checkpoint_every": 100, "steps": 3}
+
+
+def rl_config(**over):
+    return tiny_config(**{**RL, **over})
+
+
+def _run_steps(cfg, n):
+    exp = build(cfg)
+    state = exp.init_state()
+    step = jit_steps(exp.train_step(), 1, exp.state_shardings, exp.bank_shardings)
+    history = []
+    for _ in range(n):
+        state, m = step(state, exp.bank)
+        history.append({k: np.asarray(v)[-1] for k, v in jax.device_get(m).items()})
+    return exp, state, history
+
+
+def test_grpo_with_sec_on_countdown_under_8_devices(tmp_path):
+    cfg = rl_config(**{"data.source": "countdown", "data.min_difficulty": 2,
+                       "data.seq_len": 240, "model.max_seq_len": 256,
+                       "data.max_difficulty": 3, "data.eval_min_difficulty": 2,
+                       "data.eval_max_difficulty": 3, "mesh.num_devices": 0, "mesh.data": -1,
+                       "rl.rewards": (("countdown", 1.0), ("test_starts_with_digit", 0.5)),
+                       "eval.reward": "countdown", "rl.kl_coef": 0.04})
+    cfg.curriculum.name = "sec"
+    assert jax.device_count() == 8
+    out = train_loop(cfg, tmp_path)
+    rows = [r for r in metrics.read(tmp_path) if "reward" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for key in ("loss", "reward", "advantage_abs", "kl", "grad_norm", "response_length"):
+            assert np.isfinite(r[key]), (key, r)
+        assert 0.0 <= r["reward"] <= 1.5 and 0 < r["response_length"] <= 8
+    assert "eval/accuracy" in out
+    q = np.asarray(out["curriculum/q"])
+    assert q.shape == (2,) and np.all(np.isfinite(q))
+
+
+def test_grpo_learns_a_toy_reward_and_feeds_sec():
+    cfg = rl_config(**{"rl.rewards": (("test_starts_with_digit", 1.0),), "rl.group_size": 8,
+                       "rl.max_new_tokens": 2, "optimizer.lr": 1e-2, "optimizer.warmup_steps": 1,
+                       "data.max_difficulty": 2, "data.eval_max_difficulty": 2, "steps": 30})
+    cfg.curriculum.name = "sec"
+    cfg.curriculum.reward = "advantage"
+    _, state, hist = _run_steps(cfg, 30)
+    first = np.mean([h["reward"] for h in hist[:5]])
+    last = np.mean([h["reward"] for h in hist[-5:]])
+    assert last > first + 0.3, (first, last)
+    # SEC's Q-values are the TD average of mean |A|, which is positive while groups disagree.
+    assert np.all(np.asarray(state.curriculum.q) >= 0) and np.asarray(state.curriculum.q).max() > 0
+
+
+def test_relift_buffer_worked_example():
+    s = relift.init(6)
+    s = relift.push(s, jnp.array([10, 11, 12, 13]), jnp.array([True, False, False, True]))
+    np.testing.assert_array_equal(s.buffer[:2], [10, 13])  # batch order kept
+    s = relift.init(6)
+    s = relift.push(s, jnp.array([0, 1]), jnp.array([True, True]))  # A, B
+    s = relift.push(s, jnp.array([2, 3]), jnp.array([True, True]))  # C, D prepended
+    np.testing.assert_array_equal(s.buffer[:4], [2, 3, 0, 1])
+    rows, s = relift.pop(s, 3)
+    np.testing.assert_array_equal(rows, [2, 3, 0])
+    assert int(s.count) == 1 and int(s.buffer[0]) == 1 and int(s.sft_updates) == 1
+    loss = relift.sft_loss(jnp.log(jnp.array([[np.exp(-0.5), np.exp(-1.0), np.exp(-1.5)]])),
+                           jnp.array([[2.0, 1.0, 0.0]]), jnp.ones((1, 3), bool), 0.001)
+    np.testing.assert_allclose(loss, 0.999, rtol=1e-6)
+
+
+def test_relift_interleaves_sft_on_unsolved_prompts():
+    # Nothing is ever solved: every prompt is "hardest".
+    cfg = rl_config(**{"rl.relift": True, "rl.rewards": (("test_never", 1.0),), "rl.relift_sft_size": 6, "rl.relift_capacity": 16,
+                       "optimizer.lr": 3e-3})
+    _, state, hist = _run_steps(cfg, 4)
+    assert [int(h["relift/collected"]) for h in hist] == [4, 8, 12, 16]
+    # 4 rows per step, SFT on 6 as soon as 6 are buffered: after steps 2 and 3, and 4.
+    assert [int(h["relift/sft_updates"]) for h in hist] == [0, 1, 2, 2]
+    assert [int(h["relift/buffer"]) for h in hist] == [4, 2, 0, 4]
+    sft = [h["relift/sft_loss"] for h in hist if h["relift/sft_loss"] > 0]
+    assert len(sft) == 2 and sft[1] < sft[0]
+
+
+def test_spin_starts_at_log2_and_swaps_the_opponent():
+    cfg = rl_config(**{"trainer": "spin", "rl.spin_steps_per_iteration": 2,
+                       "optimizer.warmup_steps": 0, "optimizer.lr": 1e-2,
+                       "rl.temperature": 1.0})
+    _, state, hist = _run_steps(cfg, 3)
+    np.testing.assert_allclose(hist[0]["loss"], np.log(2.0), rtol=1e-5)  # policy == opponent
+    assert [int(h["spin/iteration"]) for h in hist] == [0, 0, 1]
+    assert hist[1]["loss"] != pytest.approx(np.log(2.0), rel=1e-4)  # the policy moved
+    # After step 2 the opponent became the policy: a new iteration starts at log 2 again.
+    np.testing.assert_allclose(hist[2]["loss"], np.log(2.0), rtol=1e-5)
+
+
+def test_nft_loss_runs_in_the_rl_step():
+    cfg = rl_config(**{"rl.loss": "nft", "rl.rewards": (("test_starts_with_digit", 1.0),),
+                       "rl.aggregation": "dr_grpo", "rl.inner_steps": 2, "rl.minibatches": 2})
+    _, _, hist = _run_steps(cfg, 2)
+    assert all(np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) for h in hist)
+
+
+def test_rl_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="rl.rewards"):
+        build(rl_config(**{"rl.rewards": (("no_such_reward", 1.0),)}))
+    with pytest.raises(ValueError, match="pool_size"):
+        build(rl_config(**{"data.pool_size": 16}))
+    with pytest.raises(ValueError, match="rl.minibatches"):
+        build(rl_config(**{"rl.minibatches": 3})).train_step()
+
+
+def test_init_from_restores_the_warmup_params(tmp_path):
+    sft = tiny_config(steps=2, checkpoint_every=2, eval_every=2)
+    train_loop(sft, tmp_path / "sft")
+    warm = build(sft)
+    from curriculax.train import checkpoint
+    mngr = checkpoint.manager(tmp_path / "sft")
+    saved, _ = checkpoint.restore(mngr, warm.abstract_state, warm.state_shardings)
+    cfg = rl_config(**{"model.init_from": str(tmp_path / "sft")})
+    state = build(cfg).init_state()
+    for a, b in zip(jax.tree.leaves(saved.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileNotFoundError, match="model.init_from"):
+        build(rl_config(**{"model.init_from": str(tmp_path / "missing")}))
