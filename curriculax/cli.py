@@ -1,4 +1,4 @@
-"""Command line: ``curriculax {train,eval,quickstart} --config=FILE --workdir=DIR``.
+"""Command line: ``curriculax {train,eval,quickstart,s3ft} --config=FILE --workdir=DIR``.
 
 ``--config`` is an ml_collections config file (``configs/*.py`` with ``get_config()``);
 fields are overridden with ``--config.steps=200``. Without ``--config`` the built-in
@@ -65,7 +65,17 @@ def _quickstart(cfg, workdir):
     return result
 
 
-COMMANDS = {"train": _train, "eval": _eval, "quickstart": _quickstart}
+def _s3ft(cfg, workdir):
+    """S3FT: targets from the starting model (own correct answers, else paraphrase or gold),
+    written to ``workdir/s3ft_train.jsonl``, then ordinary SFT on them in ``workdir``."""
+    from curriculax.rl import s3ft
+
+    sft, counts = s3ft.prepare(cfg, workdir)
+    print(f"S3FT targets: {counts} -> {workdir}/s3ft_train.jsonl")
+    return {**_train(sft, workdir), **{f"s3ft/{k}": v for k, v in counts.items()}}
+
+
+COMMANDS = {"train": _train, "eval": _eval, "quickstart": _quickstart, "s3ft": _s3ft}
 
 
 def main(argv):

@@ -145,3 +145,97 @@ def test_init_from_restores_the_warmup_params(tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(FileNotFoundError, match="model.init_from"):
         build(rl_config(**{"model.init_from": str(tmp_path / "missing")}))
+
+
+def _pairs_file(tmp_path, n=24, seed=0):
+    """Arithmetic records with a wrong answer as the rejected response."""
+    import json
+
+    from curriculax.data import synthetic
+
+    recs = synthetic.arithmetic(n, seed, max_steps=1)
+    path = tmp_path / f"pairs{seed}.jsonl"
+    with path.open("w") as f:
+        for r in recs:
+            wrong = r["response"].rsplit("####", 1)[0] + f"#### {int(r['answer']) + 1}"
+            f.write(json.dumps({**r, "rejected": wrong}) + "\n")
+    return path
+
+
+def test_dpo_trainer_on_pairs(tmp_path):
+    path, held_out = _pairs_file(tmp_path), _pairs_file(tmp_path, 8, seed=1)
+    cfg = rl_config(**{"trainer": "dpo", "data.source": "jsonl", "data.path": str(path),
+                       "data.eval_path": str(held_out), "data.num_train": 0, "data.num_eval": 8,
+                       "optimizer.warmup_steps": 0, "optimizer.lr": 3e-3})
+    exp, state, hist = _run_steps(cfg, 6)
+    np.testing.assert_allclose(hist[0]["loss"], np.log(2.0), rtol=1e-5)  # policy == reference
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert hist[-1]["dpo/reward_accuracy"] > 0.5 and hist[-1]["dpo/reward_margin"] > 0
+    # Pairs share row indices: chosen and rejected differ only after the '####'.
+    ch, rj = exp.bank.chosen, exp.bank.rejected
+    np.testing.assert_array_equal(ch.prompt_len, rj.prompt_len)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(path.read_text().replace('"rejected"', '"other"', 1))
+    with pytest.raises(ValueError, match="rejected"):
+        build(rl_config(**{"trainer": "dpo", "data.source": "jsonl", "data.path": str(bad),
+                           "data.eval_path": str(held_out), "data.num_train": 0}))
+
+
+def _config_file(name, arg):
+    import pathlib
+
+    from curriculax.train.config import sibling_config
+
+    return sibling_config(str(pathlib.Path(__file__).parents[1] / "configs" / f"{name}.py"),
+                          name, arg)
+
+
+def _shrink(cfg, **over):
+    from test_train import TINY_FLAGS
+
+    flags = {**TINY_FLAGS, "plots": False, "async_checkpoints": False, "eval_at_start": False,
+             "data.seq_len": cfg.data.seq_len, "data.max_difficulty": cfg.data.max_difficulty,
+             "data.eval_max_difficulty": cfg.data.eval_max_difficulty, "steps": 2,
+             "checkpoint_every": 2, "eval_every": 2, "log_every": 1, **over}
+    for k, v in flags.items():
+        target = cfg
+        *path, last = k.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = v
+    return cfg
+
+
+def test_curr_reft_stages_chain_through_init_from(tmp_path):
+    prev = tmp_path / "warmup"
+    out = train_loop(_shrink(_config_file("curr_reft", "warmup")), prev)
+    assert out["step"] == 2
+    for stage in ("judge", "choice"):
+        cfg = _shrink(_config_file("curr_reft", stage), **{"model.init_from": str(prev),
+                                                            "batch_size": 4,
+                                                            "rl.max_new_tokens": 8})
+        exp = build(cfg)
+        assert all(r["curr_reft_stage"] == stage for r in exp.train_data.records)
+        assert exp.eval_data.records[0]["curr_reft_stage"] == stage
+        out = train_loop(cfg, tmp_path / stage)
+        assert np.isfinite(out["loss"]) and 0.0 <= out["reward"] <= 2.0
+        prev = tmp_path / stage
+
+
+def test_s3ft_prepare_writes_targets_and_trains(tmp_path):
+    import json
+
+    from curriculax.rl import s3ft
+
+    warm = tiny_config(steps=2, checkpoint_every=2, eval_every=2)
+    train_loop(warm, tmp_path / "warm")
+    cfg = tiny_config(steps=2, checkpoint_every=2, eval_every=2,
+                      **{"model.init_from": str(tmp_path / "warm")})
+    sft, counts = s3ft.prepare(cfg, tmp_path / "s3ft")
+    lines = (tmp_path / "s3ft" / "s3ft_train.jsonl").read_text().splitlines()
+    assert sum(counts.values()) == len(lines) == len(build(cfg).train_data)
+    assert {json.loads(line)["s3ft_source"] for line in lines} <= {"self", "paraphrase", "gold"}
+    assert sft.data.source == "jsonl" and sft.data.eval_source == "arithmetic"
+    out = train_loop(sft, tmp_path / "s3ft")
+    assert out["step"] == 2 and "eval/accuracy" in out
+    assert s3ft.prepare(cfg, tmp_path / "s3ft")[1] == counts  # reused, not regenerated

@@ -69,8 +69,12 @@ def load_records(data_config, seed: int) -> tuple[list[dict], list[dict]]:
         )
     load = SOURCES[data_config.source]
     train = load(data_config, seed, train=True)
-    if data_config.eval_path or data_config.source in ("arithmetic", "countdown"):
-        held_out = load(data_config, seed, train=False)
+    eval_source = data_config.get("eval_source") or data_config.source
+    if eval_source not in SOURCES:
+        raise ValueError(f"config.data.eval_source={eval_source!r} is unknown; choose one of "
+                         f"{sorted(SOURCES)} (or leave it empty: the training source).")
+    if data_config.eval_path or eval_source in ("arithmetic", "countdown"):
+        held_out = SOURCES[eval_source](data_config, seed, train=False)
     else:  # one file: split the tail off as the held-out set
         n = data_config.num_eval
         if n >= len(train):
@@ -80,4 +84,10 @@ def load_records(data_config, seed: int) -> tuple[list[dict], list[dict]]:
         train, held_out = train[:-n], train[-n:]
     seen = {r["prompt"] for r in train}
     held_out = [r for r in held_out if r["prompt"] not in seen][: data_config.num_eval]
+    stage = data_config.get("curr_reft_stage", "")
+    if stage:  # Curr-ReFT: the same problems recast as judge / choice / open questions
+        from curriculax.rl import curr_reft
+
+        train = curr_reft.recast(train, stage, seed)
+        held_out = curr_reft.recast(held_out, stage, seed + 1)
     return train, held_out

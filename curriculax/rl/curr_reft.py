@@ -351,3 +351,12 @@ def stage_records(records: Sequence[dict], stage: str, seed: int, *,
     if stage == "judge":
         return [as_judge(r, record_rng(r, seed)) for r in records]
     return [as_choice(r, record_rng(r, seed), num_options) for r in records]
+
+
+def recast(records: Sequence[dict], stage: str, seed: int) -> list[dict]:
+    """``stage_records``, plus ``"mixed"``: record i takes stage ``STAGES[i % 3]`` (a warm-up
+    that teaches all three answer formats before the staged RL)."""
+    if stage != "mixed":
+        return stage_records(records, stage, seed)
+    per_stage = {s: stage_records(records, s, seed) for s in STAGES}
+    return [per_stage[STAGES[i % len(STAGES)]][i] for i in range(len(records))]

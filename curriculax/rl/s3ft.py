@@ -31,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -147,3 +148,45 @@ def build(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int, bat
             paraphrases[i] = text
     para_ok = [p is not None and bool(judge(p, r)) for p, r in zip(paraphrases, records)]
     return _select(records, responses, self_ok, paraphrases, para_ok)
+
+
+def prepare(cfg, workdir) -> tuple[Any, dict[str, int]]:
+    """Builds the S3FT training set with the config's *starting* model and returns the SFT
+    config that trains on it (``data.source="jsonl"``), plus the source counts.
+
+    The targets are written once to ``<workdir>/s3ft_train.jsonl`` (atomically; a rerun
+    reuses the file) with ``s3ft_counts.json`` beside it, so the selection is inspectable and
+    the SFT run is an ordinary resumable run. Uses ``cfg.eval.max_new_tokens`` /
+    ``cfg.eval.batch_size`` for the greedy decoding and ``cfg.rl.s3ft_paraphrase``.
+    """
+    import json
+    import pathlib
+
+    from flax import nnx
+
+    from curriculax.train import setup
+
+    if not cfg.data.eval_path and cfg.data.source in ("gsm8k", "math", "jsonl", "tfds"):
+        raise ValueError("S3FT rewrites the training file, so it needs a separate held-out "
+                         "file: set config.data.eval_path.")
+    root = pathlib.Path(workdir)
+    path, counts_path = root / "s3ft_train.jsonl", root / "s3ft_counts.json"
+    if not path.exists():
+        exp = setup.build(cfg)
+        model = nnx.merge(exp.graphdef, exp.model_params(exp.init_state().params))
+        records, counts = build(model, exp.tokenizer, exp.train_data.records,
+                                max_new_tokens=cfg.eval.max_new_tokens,
+                                batch_size=cfg.eval.batch_size, template=cfg.data.template,
+                                use_paraphrase=bool(cfg.rl.get("s3ft_paraphrase", True)))
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".jsonl.tmp")
+        with tmp.open("w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        tmp.replace(path)
+        counts_path.write_text(json.dumps(counts, indent=2))
+    counts = json.loads(counts_path.read_text())
+    sft = cfg.copy_and_resolve_references()
+    sft.data.eval_source = sft.data.eval_source or sft.data.source  # held-out set unchanged
+    sft.data.source, sft.data.path, sft.data.num_train = "jsonl", str(path), 0
+    return sft, counts

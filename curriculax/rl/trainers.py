@@ -1,11 +1,11 @@
-"""Registers the RL trainers (``config.trainer``): ``"rl"`` (GRPO/NFT, + ReLIFT) and ``"spin"``."""
+"""Registers the RL trainers (``config.trainer``): ``rl`` (GRPO/NFT, + ReLIFT), ``dpo``, ``spin``."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
 
-from curriculax.rl import nft, relift, spin_step, step  # noqa: F401  (nft registers its loss)
+from curriculax.rl import nft, preference, relift, step  # noqa: F401  (nft registers its loss)
 from curriculax.rl import rewards as rewards_lib
 from curriculax.train.trainers import Trainer, register
 
@@ -42,6 +42,10 @@ def _rl_step(exp):
                              sparsity=exp.sparsity, interleave=interleave)
 
 
+def _rollout_tokens(cfg) -> int:
+    return cfg.batch_size * cfg.rl.group_size * cfg.rl.max_new_tokens
+
+
 def _rl_extra(cfg):
     return relift.init(int(cfg.rl.relift_capacity)) if cfg.rl.relift else None
 
@@ -56,15 +60,32 @@ def _rl_check(cfg):
 
 
 register("rl", Trainer(_rl_step, init_extra=_rl_extra, needs_ref=lambda c: c.rl.kl_coef > 0,
-                       check=_rl_check))
+                       check=_rl_check, tokens_per_step=_rollout_tokens))
+
+
+def _pair_check(cfg):
+    _check(cfg)
+    if cfg.sparsity.name != "none":
+        raise ValueError(f"config.trainer={cfg.trainer!r} does not support parameter selection "
+                         f"yet: set config.sparsity.name='none'.")
 
 
 def _spin_step(exp):
-    cfg = exp.config
-    return spin_step.make_step(graphdef=exp.graphdef, curriculum=exp.curriculum,
-                          optimizer=exp.optimizer, lr_schedule=exp.lr_schedule, config=cfg,
-                          prompt_width=prompt_width(exp), eos_id=exp.tokenizer.eos_id,
-                          pad_id=exp.train_data.info.pad_id)
+    return preference.make_spin_step(
+        graphdef=exp.graphdef, curriculum=exp.curriculum, optimizer=exp.optimizer,
+        lr_schedule=exp.lr_schedule, config=exp.config, prompt_width=prompt_width(exp),
+        eos_id=exp.tokenizer.eos_id, pad_id=exp.train_data.info.pad_id)
 
 
-register("spin", Trainer(_spin_step, needs_ref=lambda c: True, check=_check))
+def _dpo_step(exp):
+    return preference.make_dpo_step(graphdef=exp.graphdef, curriculum=exp.curriculum,
+                                    optimizer=exp.optimizer, lr_schedule=exp.lr_schedule,
+                                    config=exp.config)
+
+
+register("spin", Trainer(_spin_step, needs_ref=lambda c: True, check=_pair_check,
+                         tokens_per_step=lambda c: c.batch_size * (
+                             c.data.seq_len + c.rl.max_new_tokens)))
+register("dpo", Trainer(_dpo_step, needs_ref=lambda c: True, check=_pair_check,
+                        make_bank=preference.pair_bank,
+                        tokens_per_step=lambda c: 2 * c.batch_size * c.data.seq_len))

@@ -39,6 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.source = "arithmetic"  # arithmetic | countdown | gsm8k | math | jsonl | tfds
     c.data.path = ""  # file (gsm8k, math, jsonl) or TFDS data_dir (tfds)
     c.data.eval_path = ""  # held-out file; empty: split `num_eval` records off the training set
+    c.data.eval_source = ""  # the held-out set's source when it differs (S3FT's rewritten file)
     c.data.num_train = 2000  # synthetic sources: how many records; files: a limit (0 = all)
     c.data.num_eval = 128
     c.data.min_difficulty = 1
@@ -53,6 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
     # > 0: stream candidate pools of this many rows with Grain instead of keeping the whole
     # training set on the devices; the curriculum samples each batch from the current pool.
     c.data.pool_size = 0
+    # Curr-ReFT stage (judge | choice | open | mixed): recast every record as that question
+    # format ("mixed": each record gets one of the three, for a warm-up on all formats).
+    c.data.curr_reft_stage = ""
 
     c.curriculum = ml_collections.ConfigDict()
     c.curriculum.name = "uniform"
@@ -62,7 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.transforms = ()
     c.transform_config = ml_collections.ConfigDict()
 
-    c.trainer = "sft"  # sft | rl | spin (curriculax.train.trainers)
+    c.trainer = "sft"  # sft | rl | dpo | spin (curriculax.train.trainers)
     c.rl = rl_config()
 
     c.objective = ml_collections.ConfigDict()
@@ -138,6 +142,12 @@ def rl_config() -> ml_collections.ConfigDict:
         relift_sft_size=8,  # SFT batch: taken once this many hardest prompts are buffered
         relift_capacity=64,
         relift_entropy_coef=0.0,
+        # DPO (trainer="dpo"): records carry a "rejected" response next to "response"
+        dpo_beta=0.1,
+        dpo_label_smoothing=0.0,
+        dpo_kind="sigmoid",  # sigmoid | hinge | ipo
+        # S3FT (`curriculax s3ft`): also try the model's paraphrase of the gold response
+        s3ft_paraphrase=True,
         # SPIN (trainer="spin")
         spin_beta=0.1,
         spin_steps_per_iteration=100,

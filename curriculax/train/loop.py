@@ -83,7 +83,7 @@ def train(cfg, workdir) -> dict:
     step = int(state.step)
     stop = cfg.stop_at or cfg.steps
     compiled = {}
-    tokens_per_step = cfg.batch_size * cfg.data.seq_len
+    tokens_per_step = exp.trainer.tokens_per_step(cfg)  # RL: sampled completion slots
     writer = MetricWriter(local) if lead else None
     last: dict = {}
     info = {} if exp.train_data is None else {"bank": {

@@ -143,9 +143,12 @@ def build(cfg) -> Experiment:
     else:
         train_data = ExampleBank.build(train_records, tokenizer, overflow=d.overflow, **build_kw)
         host_bank = train_data.bank
+        make_bank = trainers.get(cfg.trainer).make_bank
+        if make_bank is not None:  # e.g. DPO's (chosen, rejected) pairs
+            host_bank, train_data = make_bank(train_data, tokenizer, cfg)
     eval_data = ExampleBank.build(eval_records, tokenizer, overflow=d.overflow, **build_kw,
-                                  category_names=_merged_categories(eval_records,
-                                                                    host_bank.info.category_names))
+                                  category_names=_merged_categories(
+                                      eval_records, host_bank.meta().category_names))
 
     init_params = None
     if cfg.model.hf_path:
@@ -164,7 +167,7 @@ def build(cfg) -> Experiment:
     graphdef, abstract_params_state = nnx.split(abstract_model, nnx.Param)
     param_axes = sharding.logical_axes(abstract_params_state)
 
-    num_rows = host_bank.tokens.shape[0]
+    num_rows = jax.tree.leaves(host_bank)[0].shape[0]
     example_sharding = sharding.named_sharding(mesh, (num_rows,), ("examples",), rules)
     rows_spec = example_sharding.spec[0]
     bank_shardings = jax.tree.map(

@@ -6,7 +6,8 @@ A trainer turns a built :class:`curriculax.train.setup.Experiment` into the pure
 - ``"sft"``: supervised fine-tuning with any objective (:mod:`curriculax.train.step`);
 - ``"rl"``: on-policy RL with G rollouts per prompt and a policy loss (``rl.loss``: GRPO, NFT),
   optionally with ReLIFT's interleaved SFT (:mod:`curriculax.rl.step`);
-- ``"spin"``: self-play fine-tuning (:mod:`curriculax.rl.spin`).
+- ``"dpo"``: preference pairs with a frozen reference (:mod:`curriculax.rl.preference`);
+- ``"spin"``: self-play fine-tuning (:mod:`curriculax.rl.preference`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ class Trainer(NamedTuple):
     init_extra: Callable[[Any], Any] = lambda cfg: None  # TrainState.rl
     needs_ref: Callable[[Any], bool] = lambda cfg: False  # keep a frozen copy of the start
     check: Callable[[Any], None] = lambda cfg: None  # config validation for this trainer
+    # (train ExampleBank, tokenizer, cfg) -> (device data pytree with .meta(), ExampleBank):
+    # what the step consumes when it is not the plain bank (DPO's chosen/rejected pairs).
+    make_bank: Callable | None = None
+    # Tokens one step processes, for the logged tokens_per_s (default: batch x seq_len).
+    tokens_per_step: Callable[[Any], int] = lambda cfg: cfg.batch_size * cfg.data.seq_len
 
 
 _REGISTRY: Registry[Trainer] = Registry("trainer", "trainer")
