@@ -164,7 +164,7 @@ def make_rl_step(*, graphdef, curriculum, optimizer, lr_schedule, config, host_r
         metrics = {
             "loss": upd["loss"].mean(), "grad_norm": upd["grad_norm"].mean(),
             "kl": upd["kl"].mean(), "clip_fraction": upd["clip_fraction"].mean(),
-            "lr": lr_schedule(state.step),
+            "lr": lr_schedule(state.step * inner * minibatches),  # optax counts updates
             "reward": rewards.mean(), "accuracy": correct.mean(),
             "advantage_abs": jnp.abs(adv).mean(),
             "solved_none": jnp.mean(~correct.any(-1)), "solved_all": jnp.mean(correct.all(-1)),
