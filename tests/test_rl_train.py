@@ -17,9 +17,17 @@ def _starts_with_digit(text, record):
     return float(bool(text) and text[0].isdigit())
 
 
+def _coin_on_hard_rows(text, record):
+    """A fair coin per completion on difficulty-2 rows, 0 elsewhere: only that arm has |A| > 0."""
+    import zlib
+
+    return float(record["difficulty"] == 2 and zlib.crc32(text.encode()) % 2 == 1)
+
+
 if "test_starts_with_digit" not in rewards.names():
     rewards.register("test_starts_with_digit", _starts_with_digit)
     rewards.register("test_never", lambda text, record: 0.0)
+    rewards.register("test_coin_on_hard_rows", _coin_on_hard_rows)
 
 RL = {"trainer": "rl", "batch_size": 4, "rl.group_size": 4, "rl.max_new_tokens": 8,
       "log_every": 1, "eval_every": 100, "checkpoint_every": 100, "steps": 3}
@@ -73,6 +81,19 @@ def test_grpo_learns_a_toy_reward_and_feeds_sec():
     assert last > first + 0.3, (first, last)
     # SEC's Q-values are the TD average of mean |A|, which is positive while groups disagree.
     assert np.all(np.asarray(state.curriculum.q) >= 0) and np.asarray(state.curriculum.q).max() > 0
+
+
+def test_sec_q_moves_toward_the_arm_with_larger_advantages():
+    cfg = rl_config(**{"rl.rewards": (("test_coin_on_hard_rows", 1.0),), "rl.group_size": 4,
+                       "data.max_difficulty": 2, "data.eval_max_difficulty": 2, "steps": 6})
+    cfg.curriculum.name = "sec"
+    cfg.curriculum.reward = "advantage"
+    _, state, hist = _run_steps(cfg, 6)
+    q = np.asarray(state.curriculum.q)  # arms: difficulty 1, 2
+    assert q[0] == 0.0 and q[1] > 0.2, q  # a drawn arm with all-equal rewards has |A| = 0
+    from curriculax.curriculum import sec
+    p = np.asarray(sec.policy(state.curriculum))
+    assert p[1] > 0.5 > p[0]
 
 
 def test_relift_buffer_worked_example():

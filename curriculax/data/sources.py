@@ -2,14 +2,17 @@
 
 Sources are looked up in a table (no ``if source == ...`` chains elsewhere). Synthetic sources
 draw the eval set from another seed and drop any eval prompt also present in training, so
-held-out accuracy measures generalization, not recall.
+held-out accuracy measures generalization, not recall. The fact-editing sources are the exception:
+recall is what they measure, so their held-out set keeps the training prompts (``facts``: the
+edits, their paraphrases and unrelated locality facts, interleaved; ``facts_world``: the pre-edit
+world itself, a base model's training set before editing).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from curriculax.data import jsonl, records, synthetic
+from curriculax.data import facts, jsonl, records, synthetic
 
 
 def _synthetic(make: Callable, min_key: str, max_key: str, extra: Callable = lambda d: {}):
@@ -44,6 +47,17 @@ def _generic_jsonl(path):
             for line, r in jsonl.read_jsonl_numbered(path)]
 
 
+def _facts(world: bool):
+    """``data.num_train`` edits (seed ``seed``); training rows are the edits (``facts``) or the
+    pre-edit world (``facts_world``), the held-out set every category of :mod:`facts`."""
+    def load(d, seed, *, train: bool):
+        if world:
+            return facts.knowledge_records(d.num_train, seed)
+        edits, paraphrases, locality = facts.edit_records(d.num_train, seed)
+        return edits if train else facts.interleave(edits, paraphrases, locality)
+    return load
+
+
 def _tfds(path, split):
     from curriculax.data import tfds_source
 
@@ -58,7 +72,13 @@ SOURCES: dict[str, Callable] = {
     "math": _file(jsonl.math),
     "jsonl": _file(_generic_jsonl),
     "tfds": _file(lambda p: _tfds(p, "train")),
+    "facts": _facts(world=False),
+    "facts_world": _facts(world=True),
 }
+# Sources whose held-out set is drawn by the source itself (not split off the training rows).
+GENERATED = ("arithmetic", "countdown", "facts", "facts_world")
+# Sources evaluated on recall: held-out prompts that also occur in training are kept.
+RECALL = ("facts", "facts_world")
 
 
 def load_records(data_config, seed: int) -> tuple[list[dict], list[dict]]:
@@ -73,7 +93,7 @@ def load_records(data_config, seed: int) -> tuple[list[dict], list[dict]]:
     if eval_source not in SOURCES:
         raise ValueError(f"config.data.eval_source={eval_source!r} is unknown; choose one of "
                          f"{sorted(SOURCES)} (or leave it empty: the training source).")
-    if data_config.eval_path or eval_source in ("arithmetic", "countdown"):
+    if data_config.eval_path or eval_source in GENERATED:
         held_out = SOURCES[eval_source](data_config, seed, train=False)
     else:  # one file: split the tail off as the held-out set
         n = data_config.num_eval
@@ -82,8 +102,10 @@ def load_records(data_config, seed: int) -> tuple[list[dict], list[dict]]:
                 f"config.data.num_eval={n} leaves no training data out of {len(train)} records."
             )
         train, held_out = train[:-n], train[-n:]
-    seen = {r["prompt"] for r in train}
-    held_out = [r for r in held_out if r["prompt"] not in seen][: data_config.num_eval]
+    if eval_source not in RECALL:
+        seen = {r["prompt"] for r in train}
+        held_out = [r for r in held_out if r["prompt"] not in seen]
+    held_out = held_out[: data_config.num_eval]
     stage = data_config.get("curr_reft_stage", "")
     if stage:  # Curr-ReFT: the same problems recast as judge / choice / open questions
         from curriculax.rl import curr_reft

@@ -213,34 +213,53 @@ def fused_lm_head(
     if logit_softcap is not None and not logit_softcap > 0:
         raise ValueError("logit_softcap must be > 0 or None")
 
+    impl, opts, interpret = _static_options(impl, interpret, logit_softcap, temperature,
+                                            ref_weight is not None, kl_direction,
+                                            sample_rng is not None)
+    targets, valid = _valid_targets(targets, vocab, where)
+    row_hash = gumbel.noise_row_hash(sample_rng, n) if opts.with_sample else None
+    return compute(impl, opts, (block_n, block_v, block_d), interpret, hidden, weight,
+                   ref_hidden, ref_weight, targets, valid, row_hash)
+
+
+def _static_options(impl, interpret, logit_softcap, temperature, with_kl, kl_direction,
+                    with_sample):
     impl = resolve_impl(impl)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
+    if isinstance(interpret, (bool, int)):
+        interpret = bool(interpret)  # else e.g. a (hashable) pltpu.InterpretParams
     opts = HeadOpts(
         softcap=None if logit_softcap is None else float(logit_softcap),
         temperature=float(temperature),
-        with_kl=ref_weight is not None,
+        with_kl=with_kl,
         kl_direction=kl_direction,
-        with_sample=sample_rng is not None,
+        with_sample=with_sample,
     )
+    return impl, opts, interpret
 
+
+def _valid_targets(targets, vocab: int, where=None):
+    """``(targets with -1 on invalid rows, valid)``: out-of-range targets count as masked."""
     targets = targets.astype(jnp.int32)
     valid = (targets >= 0) & (targets < vocab)
     if where is not None:
         valid = valid & where.astype(bool)
-    targets = jnp.where(valid, targets, -1)
-    row_hash = gumbel.noise_row_hash(sample_rng, n) if opts.with_sample else None
+    return jnp.where(valid, targets, -1), valid
+
+
+def compute(impl, opts, blocks, interpret, hidden, weight, ref_hidden, ref_weight, targets,
+            valid, row_hash) -> LMHeadStats:
+    """The statistics for prepared inputs (also the per-shard body of
+    :func:`curriculax.kernels.sharded.sharded_lm_head`)."""
     ref_weight = None if ref_weight is None else jax.lax.stop_gradient(ref_weight)
     ref_hidden = None if ref_hidden is None else jax.lax.stop_gradient(ref_hidden)
-
     if impl == "xla_naive":
         stats = _mask_stats(
             xla.naive_stats(hidden, weight, ref_hidden, ref_weight, targets, valid, row_hash, opts), valid
         )
     else:
-        if isinstance(interpret, (bool, int)):
-            interpret = bool(interpret)  # else e.g. a (hashable) pltpu.InterpretParams
-        fn = _make_fused(impl, opts, block_n, block_v, block_d, interpret)
+        fn = _make_fused(impl, opts, *blocks, interpret)
         stats = fn(hidden, weight, ref_hidden, ref_weight, targets, valid, row_hash)
     if "sampled_token" in stats:
         stats["sampled_token"] = stats["sampled_token"].astype(jnp.int32)

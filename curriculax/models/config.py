@@ -7,6 +7,15 @@ One dataclass covers the three families; they differ only in a few switches:
 | Llama-3.x | False | False | True (1B/3B) | llama3 |
 | Qwen2 / 2.5 | True | False | True (0.5B) | none |
 | Qwen3 | False | True | True (0.6B) | none |
+
+Two optional parameter-efficient modules are switched on here (both off by default, so existing
+checkpoints and Hugging Face parity are untouched):
+
+- ``loramoe_experts > 0``: LoRAMoE (:mod:`curriculax.peft.loramoe`), N LoRA experts and a softmax
+  router on the FFN projections in ``loramoe_targets``, plus the localized balancing constraint
+  (``loramoe_lbc_*``) computed when the forward pass is given per-example categories;
+- ``prefix_len > 0``: prefix tuning (:mod:`curriculax.peft.prefix`), learned keys/values that
+  every attention layer prepends to each sequence.
 """
 
 from __future__ import annotations
@@ -46,6 +55,18 @@ class ModelConfig:
     param_dtype: str = "float32"
     rope_scaling: RopeScaling | None = None
     remat: bool = False
+    # LoRAMoE (curriculax.peft.loramoe); 0 experts = off.
+    loramoe_experts: int = 0
+    loramoe_rank: int = 4
+    loramoe_alpha: float = 32.0
+    loramoe_targets: tuple[str, ...] = ("gate", "up", "down")
+    loramoe_lbc_weight: float = 0.0  # beta; 0 = no balancing loss (the official script's value)
+    loramoe_lbc_delta: float = 0.0  # delta of the coefficient matrix Q
+    loramoe_lbc_form: str = "code"  # "code": Var_ddof1(Z) / Mean(Z)^2; "paper": Var(Z) / Mean(Z)
+    # Category indices (the bank's ``category``) whose examples have type 1; () = odd indices.
+    loramoe_type1_categories: tuple[int, ...] = ()
+    # Prefix tuning (curriculax.peft.prefix): learned key/value vectors per layer; 0 = off.
+    prefix_len: int = 0
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -57,6 +78,29 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE.")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        # Tuples, not lists (e.g. from JSON): the config is hashed as part of the model graph.
+        object.__setattr__(self, "loramoe_targets", tuple(self.loramoe_targets))
+        object.__setattr__(self, "loramoe_type1_categories",
+                           tuple(int(c) for c in self.loramoe_type1_categories))
+        if self.loramoe_experts:
+            self._check_loramoe()
+        if self.prefix_len < 0:
+            raise ValueError(f"ModelConfig.prefix_len={self.prefix_len} must be >= 0 (0 = off).")
+
+    def _check_loramoe(self):
+        bad = sorted(set(self.loramoe_targets) - {"gate", "up", "down"})
+        if bad or not self.loramoe_targets:
+            raise ValueError(f"ModelConfig.loramoe_targets={self.loramoe_targets}: choose among "
+                             f"the FFN projections 'gate', 'up', 'down'.")
+        if self.loramoe_experts < 0 or self.loramoe_rank < 1:
+            raise ValueError(f"ModelConfig.loramoe_experts={self.loramoe_experts} and "
+                             f"loramoe_rank={self.loramoe_rank} must be positive.")
+        if self.loramoe_lbc_form not in ("code", "paper"):
+            raise ValueError(f"ModelConfig.loramoe_lbc_form={self.loramoe_lbc_form!r}; expected "
+                             f"'code' or 'paper'.")
+        if self.loramoe_lbc_weight and self.loramoe_experts % 2:
+            raise ValueError(f"ModelConfig.loramoe_experts={self.loramoe_experts} must be even: "
+                             f"the balancing loss splits the experts into two halves.")
 
     @property
     def compute_dtype(self) -> Any:
@@ -152,5 +196,10 @@ def num_params(config: ModelConfig) -> int:
     attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if config.qkv_bias else 0)
     attn += 2 * config.head_dim if config.qk_norm else 0
     block = attn + 3 * d * f + 2 * d
+    if config.loramoe_experts:  # per target: A [E,in,r], B [E,r,out], router [in,E]
+        e, r = config.loramoe_experts, config.loramoe_rank
+        dims = {"gate": (d, f), "up": (d, f), "down": (f, d)}
+        block += sum(e * r * (m + n) + m * e for m, n in map(dims.get, config.loramoe_targets))
+    block += 2 * config.prefix_len * kv  # prefix keys and values
     head = 0 if config.tie_embeddings else d * v
     return v * d + config.num_layers * block + d + head

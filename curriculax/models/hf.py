@@ -135,9 +135,27 @@ def default_architecture(config: ModelConfig) -> str:
     return "Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"
 
 
+def check_exportable(config: ModelConfig) -> None:
+    """Refuses models with parts a plain HF checkpoint cannot hold (dropping them silently would
+    export a model that computes something else)."""
+    if config.loramoe_experts:
+        raise ValueError(
+            "Cannot export a LoRAMoE model (loramoe_experts="
+            f"{config.loramoe_experts}) as a Hugging Face checkpoint: its router weights depend "
+            "on each token, so the experts cannot be merged into the base weights. Keep the "
+            "curriculax checkpoint (or export the base model with loramoe_experts=0).")
+    if config.prefix_len:
+        raise ValueError(
+            f"Cannot export a prefix-tuned model (prefix_len={config.prefix_len}) as a Hugging "
+            "Face checkpoint: its learned attention keys/values have no place in the model's "
+            "weights. Keep the curriculax checkpoint (or export the base model with prefix_len=0).")
+
+
 def config_to_hf(config: ModelConfig, architecture: str | None = None) -> dict:
     """A ``config.json`` dict readable by transformers 5.x (``rope_parameters``) and 4.x
-    (top-level ``rope_theta`` / ``rope_scaling``). ``dtype`` is the config's ``param_dtype``."""
+    (top-level ``rope_theta`` / ``rope_scaling``). ``dtype`` is the config's ``param_dtype``.
+    LoRAMoE and prefix-tuned models are refused (:func:`check_exportable`)."""
+    check_exportable(config)
     arch = architecture or default_architecture(config)
     if arch not in ARCHITECTURES:
         raise ValueError(f"Unsupported architecture {arch!r}; supported: {sorted(ARCHITECTURES)}.")
@@ -376,6 +394,7 @@ def save_hf(model, config: ModelConfig, path, *, architecture: str | None = None
     atomic rename; an existing directory gets its files replaced (``os.replace``) only after all
     were written, keeping unrelated files (tokenizer) and deleting stale weight shards.
     """
+    check_exportable(model.config)
     loose = dict(dtype="float32", param_dtype="float32", remat=False, max_seq_len=0)
     if config.replace(**loose) != model.config.replace(**loose):
         raise ValueError(f"save_hf: config {config} does not describe the model ({model.config}).")

@@ -2,6 +2,10 @@
 
 The model returns final *normalized hidden states*, not logits: the loss applies the LM head
 itself (``lm_head_weight()``) so the fused kernel never materializes ``[tokens, vocab]``.
+
+Auxiliary losses (LoRAMoE's balancing constraint) are sown as ``layers.AuxLoss`` scalars when
+the call is given per-example ``category`` indices; collect them with
+``hidden, aux = nnx.capture(model, AuxLoss)(tokens, category=c)`` (the train step does).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from curriculax.models.config import ModelConfig
-from curriculax.models.layers import Block, RMSNorm, param
+from curriculax.models.layers import Block, RMSNorm, example_type, param
 
 
 @struct.dataclass
@@ -53,6 +57,12 @@ class Transformer(nnx.Module):
         if not config.tie_embeddings:
             init = nnx.initializers.normal(1.0 / math.sqrt(d))
             self.lm_head = param(rngs, init, (d, v), ("embed", "vocab"), pd)
+        if config.loramoe_experts or config.prefix_len:
+            # The adapters draw from one key taken after every base weight: the base weights
+            # are exactly those of the plain model with the same seed.
+            adapter_rngs = nnx.Rngs(params=rngs.params())
+            for block in self.layers:
+                block.add_adapters(config, rngs=adapter_rngs)
 
     def lm_head_weight(self) -> jax.Array:
         """The ``[d, V]`` output projection (the transposed embedding when tied)."""
@@ -65,12 +75,15 @@ class Transformer(nnx.Module):
         return jnp.einsum("btd,dv->btv", hidden_BxTxd, w, preferred_element_type=jnp.float32)
 
     def __call__(self, tokens_BxT, *, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 inputs_embeds=None):
+                 inputs_embeds=None, category=None):
         """Returns hidden states ``[B,T,d]``, or ``(hidden, cache)`` when a cache is given.
 
         ``positions`` default to ``arange(T)`` (offset by the cache index); ``segment_ids``
         (packing; 0 = padding) default to all ones. ``inputs_embeds`` ``[B,T,d]``, when given,
         replaces the embedding lookup of ``tokens_BxT`` (e.g. scheduled-sampling mixtures).
+        ``category`` ``[B]`` (the bank's per-example category index) only feeds auxiliary
+        losses: with LoRAMoE and ``loramoe_lbc_weight != 0`` each adapted projection sows its
+        balancing loss (examples typed by :func:`~curriculax.models.layers.example_type`).
         """
         cfg = self.config
         b, t = tokens_BxT.shape
@@ -88,6 +101,9 @@ class Transformer(nnx.Module):
             if inputs_embeds.shape != (b, t, cfg.hidden_size):
                 raise ValueError(f"inputs_embeds must be {(b, t, cfg.hidden_size)}, got {inputs_embeds.shape}")
             x = inputs_embeds.astype(cfg.compute_dtype)
+        types = None
+        if category is not None and cfg.loramoe_experts and cfg.loramoe_lbc_weight != 0:
+            types = example_type(category, cfg.loramoe_type1_categories)
         kv_seg = None
         if cache is not None:
             kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, start, axis=1)
@@ -96,7 +112,7 @@ class Transformer(nnx.Module):
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], kv_seg, start)
             apply = _apply_block_remat if cfg.remat else _apply_block
-            x, layer_cache = apply(block, x, positions, segment_ids, q_index, layer_cache)
+            x, layer_cache = apply(block, x, positions, segment_ids, q_index, layer_cache, types)
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])

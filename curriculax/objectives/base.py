@@ -13,7 +13,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from curriculax.kernels import fused_lm_head
+from curriculax.kernels import fused_lm_head, resolve_impl
+from curriculax.sharding import DEFAULT_RULES
 from curriculax.registry import Registry
 
 NORMALIZATIONS = ("token", "sequence", "batch", "constant")
@@ -36,13 +37,38 @@ get = _REGISTRY.get  # the objective registered under a name (config field objec
 names = _REGISTRY.names
 
 
-def lm_head_stats(hidden_BxTxd, weight_dxV, targets_BxT, mask_BxT, **kernel_kwargs):
-    """Runs the fused LM-head kernel on ``[B,T]`` tokens and returns ``[B,T]`` statistics."""
+SHARD_MAP = ("auto", "always", "never")
+
+
+def lm_head_stats(hidden_BxTxd, weight_dxV, targets_BxT, mask_BxT, *, mesh=None, rules=(),
+                  shard_map: str = "auto", **kernel_kwargs):
+    """Runs the fused LM-head kernel on ``[B,T]`` tokens and returns ``[B,T]`` statistics.
+
+    With a multi-device ``mesh``, ``shard_map="auto"`` runs Pallas kernels under ``shard_map``
+    (:func:`curriculax.kernels.sharded.sharded_lm_head`: rows over the mesh axes of the logical
+    ``batch`` axis, vocab over those of ``vocab``), since XLA cannot partition a custom call;
+    ``"always"`` does so for every impl, ``"never"`` leaves partitioning to XLA.
+    """
+    if shard_map not in SHARD_MAP:
+        raise ValueError(f"objective.shard_map={shard_map!r}: choose one of {SHARD_MAP}.")
     b, t, d = hidden_BxTxd.shape
     if kernel_kwargs.get("ref_hidden") is not None:  # the reference's hidden states, [B,T,d_ref]
         kernel_kwargs["ref_hidden"] = kernel_kwargs["ref_hidden"].reshape(b * t, -1)
-    stats = fused_lm_head(hidden_BxTxd.reshape(b * t, d), weight_dxV, targets_BxT.reshape(b * t),
-                          where=mask_BxT.reshape(b * t), **kernel_kwargs)
+    args = (hidden_BxTxd.reshape(b * t, d), weight_dxV, targets_BxT.reshape(b * t))
+    impl = resolve_impl(kernel_kwargs.get("impl", "auto"))
+    if mesh is not None and mesh.size > 1 and (
+            shard_map == "always" or (shard_map == "auto" and impl.startswith("pallas"))):
+        from curriculax.kernels.sharded import sharded_lm_head
+        from curriculax.sharding import logical_to_mesh
+
+        rows, vocab = logical_to_mesh(("batch", "vocab"), rules or DEFAULT_RULES)
+        as_tuple = lambda a: (a,) if isinstance(a, str) else tuple(a or ())  # noqa: E731
+        vocab_axes = as_tuple(vocab)
+        stats = sharded_lm_head(*args, mesh=mesh, row_axes=as_tuple(rows),
+                                vocab_axis=vocab_axes[0] if vocab_axes else "",
+                                where=mask_BxT.reshape(b * t), **kernel_kwargs)
+    else:
+        stats = fused_lm_head(*args, where=mask_BxT.reshape(b * t), **kernel_kwargs)
     return jax.tree.map(lambda x: x.reshape(b, t), stats)
 
 

@@ -29,6 +29,7 @@ from curriculax.data.bank import Bank, ExampleBank
 from curriculax.models.generate import decode_model
 from curriculax.rl import dpo, spin
 from curriculax.rl.rollout import left_pad_prompts, sequences
+from curriculax.rl.step import head_options
 
 
 @struct.dataclass
@@ -71,20 +72,20 @@ def pair_bank(train_data: ExampleBank, tokenizer, cfg) -> tuple[PairBank, Exampl
     return PairBank(chosen, rej), kept
 
 
-def _sequence_logprob(model, seq, impl):
+def _sequence_logprob(model, seq, head):
     hidden = model(seq.tokens, positions=getattr(seq, "positions", None),
                    segment_ids=getattr(seq, "segment_ids", None))
     stats = objectives.lm_head_stats(hidden, model.lm_head_weight(), seq.targets, seq.loss_mask,
-                                     impl=impl)
+                                     **head)
     return dpo.sequence_logprob(stats.target_logprob, seq.loss_mask), stats
 
 
-def _pair_loss_fn(graphdef, impl, loss):
+def _pair_loss_fn(graphdef, head, loss):
     """``(params, ref_params, chosen, rejected) -> (loss, (metrics, chosen NLL [B]))``."""
     def logps(params, chosen, rejected):
         model = nnx.merge(graphdef, params)
-        c, stats = _sequence_logprob(model, chosen, impl)
-        r, _ = _sequence_logprob(model, rejected, impl)
+        c, stats = _sequence_logprob(model, chosen, head)
+        r, _ = _sequence_logprob(model, rejected, head)
         return c, r, stats
 
     def fn(params, ref_params, chosen, rejected):
@@ -114,9 +115,9 @@ def _finish(state, *, curriculum, optimizer, lr_schedule, grads, loss, metrics, 
                          curriculum=cur, ref_params=ref), out
 
 
-def make_dpo_step(*, graphdef, curriculum, optimizer, lr_schedule, config):
+def make_dpo_step(*, graphdef, curriculum, optimizer, lr_schedule, config, mesh=None, rules=()):
     c = config.rl
-    grad_fn = _pair_loss_fn(graphdef, config.objective.impl, lambda *s: dpo.loss(
+    grad_fn = _pair_loss_fn(graphdef, head_options(config, mesh, rules), lambda *s: dpo.loss(
         *s, beta=float(c.dpo_beta), label_smoothing=float(c.dpo_label_smoothing),
         kind=c.dpo_kind))
 
@@ -135,10 +136,10 @@ def make_dpo_step(*, graphdef, curriculum, optimizer, lr_schedule, config):
 
 
 def make_spin_step(*, graphdef, curriculum, optimizer, lr_schedule, config, prompt_width: int,
-                   eos_id, pad_id: int):
+                   eos_id, pad_id: int, mesh=None, rules=()):
     rl = config.rl
     every = int(rl.spin_steps_per_iteration)
-    grad_fn = _pair_loss_fn(graphdef, config.objective.impl, lambda *s: spin.loss(
+    grad_fn = _pair_loss_fn(graphdef, head_options(config, mesh, rules), lambda *s: spin.loss(
         *s, beta=float(rl.spin_beta), kind=rl.spin_loss))
 
     def spin_step(state, bank):

@@ -74,15 +74,17 @@ def sft_loss(token_logprob_BxT, entropy_BxT, mask_BxT, entropy_coef: float = 0.0
     return jnp.sum(-token_logprob_BxT * m) / n - entropy_coef * jnp.sum(entropy_BxT * m) / n
 
 
-def make_interleave(*, graphdef, optimizer, config, to_model=lambda p: p):
-    """``interleave(state, bank, rows_P, correct_PxG) -> (state, metrics)`` for the RL step."""
+def make_interleave(*, graphdef, optimizer, config, to_model=lambda p: p, head=None):
+    """``interleave(state, bank, rows_P, correct_PxG) -> (state, metrics)`` for the RL step;
+    ``head``: :func:`curriculax.objectives.lm_head_stats` options (mesh, impl)."""
     rl = config.rl
-    size, coef, impl = int(rl.relift_sft_size), float(rl.relift_entropy_coef), config.objective.impl
+    size, coef = int(rl.relift_sft_size), float(rl.relift_entropy_coef)
+    head = head or {"impl": config.objective.impl}
 
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, to_model(params))
         stats = objectives.lm_head_stats(model(batch.tokens), model.lm_head_weight(),
-                                         batch.targets, batch.loss_mask, impl=impl)
+                                         batch.targets, batch.loss_mask, **head)
         return sft_loss(stats.target_logprob, stats.entropy, batch.loss_mask, coef)
 
     def interleave(state, bank, rows_P, correct_PxG):

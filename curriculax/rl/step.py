@@ -49,17 +49,22 @@ def reward_callback(records, tokenizer, reward_fn, group_size: int) -> HostRewar
     return host
 
 
-def policy_logprob(model, seq, temperature: float, impl: str):
-    """Per-token log-probs ``[B,T]`` (and stats) of ``seq.targets`` at the sampling temperature."""
+def head_options(config, mesh=None, rules=()) -> dict:
+    """Keyword arguments of :func:`curriculax.objectives.lm_head_stats` for a trainer's step."""
+    return dict(impl=config.objective.impl, mesh=mesh, rules=rules,
+                shard_map=config.objective.get("shard_map", "auto"))
+
+
+def policy_logprob(model, seq, temperature: float, head: dict):
+    """LM-head statistics of ``seq.targets`` at the sampling temperature (``[B,T]`` each)."""
     hidden = model(seq.tokens, positions=seq.positions, segment_ids=seq.segment_ids)
-    stats = objectives.lm_head_stats(hidden / temperature, model.lm_head_weight(), seq.targets,
-                                     seq.loss_mask, impl=impl)
-    return stats
+    return objectives.lm_head_stats(hidden / temperature, model.lm_head_weight(), seq.targets,
+                                    seq.loss_mask, **head)
 
 
 def make_rl_step(*, graphdef, curriculum, optimizer, lr_schedule, config, host_reward: HostReward,
                  prompt_width: int, eos_id: int | None, pad_id: int, sparsity=None,
-                 interleave=None):
+                 interleave=None, mesh=None, rules=()):
     """Returns ``rl_step(state, bank) -> (state, metrics)``; ``config.batch_size`` prompts/step.
 
     ``interleave(state, bank, signals_info) -> (state, metrics)``, when given, runs after the
@@ -74,7 +79,7 @@ def make_rl_step(*, graphdef, curriculum, optimizer, lr_schedule, config, host_r
                          f"rl.group_size = {num_responses} responses.")
     loss_fn = base.get(rl.loss)
     temperature = float(rl.temperature)
-    impl = config.objective.impl
+    head = head_options(config, mesh, rules)
     kl_coef = float(rl.kl_coef)
     to_model = (lambda p: p) if sparsity is None or sparsity.materialize is None else (
         sparsity.materialize)
@@ -83,7 +88,7 @@ def make_rl_step(*, graphdef, curriculum, optimizer, lr_schedule, config, host_r
 
     def loss_and_stats(params, seq, old_logp, ref_logp, signals, weights):
         model = nnx.merge(graphdef, to_model(params))
-        stats = policy_logprob(model, seq, temperature, impl)
+        stats = policy_logprob(model, seq, temperature, head)
         logp = stats.target_logprob
         # One update per rollout batch: rho = exp(logp - sg(logp)) is exactly 1 (TRL).
         old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
@@ -102,7 +107,7 @@ def make_rl_step(*, graphdef, curriculum, optimizer, lr_schedule, config, host_r
 
     def forward_logp(params, seq):
         model = nnx.merge(graphdef, jax.lax.stop_gradient(to_model(params)))
-        return policy_logprob(model, seq, temperature, impl).target_logprob
+        return policy_logprob(model, seq, temperature, head).target_logprob
 
     def rl_step(state, bank):
         rng, sample_rng, roll_rng, perm_rng = jax.random.split(state.rng, 4)

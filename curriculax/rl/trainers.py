@@ -33,13 +33,16 @@ def _rl_step(exp):
     reward_fn = rewards_lib.combine(cfg.rl.rewards)
     host = step.reward_callback(exp.train_data.records, exp.tokenizer, reward_fn,
                                 int(cfg.rl.group_size))
+    head = step.head_options(cfg, exp.mesh, exp.rules)
     interleave = relift.make_interleave(graphdef=exp.graphdef, optimizer=exp.optimizer,
-                                        config=cfg, to_model=_model_fn(exp)) if cfg.rl.relift else None
+                                        config=cfg, to_model=_model_fn(exp),
+                                        head=head) if cfg.rl.relift else None
     return step.make_rl_step(graphdef=exp.graphdef, curriculum=exp.curriculum,
                              optimizer=exp.optimizer, lr_schedule=exp.lr_schedule, config=cfg,
                              host_reward=host, prompt_width=prompt_width(exp),
                              eos_id=exp.tokenizer.eos_id, pad_id=exp.train_data.info.pad_id,
-                             sparsity=exp.sparsity, interleave=interleave)
+                             sparsity=exp.sparsity, interleave=interleave, mesh=exp.mesh,
+                             rules=exp.rules)
 
 
 def _rollout_tokens(cfg) -> int:
@@ -74,13 +77,14 @@ def _spin_step(exp):
     return preference.make_spin_step(
         graphdef=exp.graphdef, curriculum=exp.curriculum, optimizer=exp.optimizer,
         lr_schedule=exp.lr_schedule, config=exp.config, prompt_width=prompt_width(exp),
-        eos_id=exp.tokenizer.eos_id, pad_id=exp.train_data.info.pad_id)
+        eos_id=exp.tokenizer.eos_id, pad_id=exp.train_data.info.pad_id, mesh=exp.mesh,
+        rules=exp.rules)
 
 
 def _dpo_step(exp):
     return preference.make_dpo_step(graphdef=exp.graphdef, curriculum=exp.curriculum,
                                     optimizer=exp.optimizer, lr_schedule=exp.lr_schedule,
-                                    config=exp.config)
+                                    config=exp.config, mesh=exp.mesh, rules=exp.rules)
 
 
 register("spin", Trainer(_spin_step, needs_ref=lambda c: True, check=_pair_check,

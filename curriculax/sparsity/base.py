@@ -18,6 +18,10 @@ parameters' shapes. The returned :class:`Sparsity` bundles pure functions the tr
 - ``init_params`` / ``materialize`` / ``param_shardings``: for re-parameterizations (LoRA) whose
   trained pytree is not the model's weights; the step runs the model on ``materialize(params)``.
 
+A method that needs modules in the model itself (LoRAMoE experts, prefix keys/values) registers
+``model_overrides(method_config) -> {ModelConfig field: value}``; :func:`model_overrides` applies
+them in :func:`curriculax.train.setup.build` before the model is built.
+
 A mask is a pytree shaped like the params. Each leaf is a boolean (a scalar: the whole matrix,
 or an array of the parameter's shape: per entry) or an ``int32 [k]`` set of flat (C-order)
 indices for sparse updates (LIFT). Frozen entries get an update of exactly ``+0.0``, weight decay
@@ -48,14 +52,24 @@ class Sparsity(NamedTuple):
 
 
 Builder = Callable[[Any, Any], Sparsity]
-_REGISTRY: dict[str, tuple[Builder, Callable[[], dict]]] = {}
+_REGISTRY: dict[str, tuple[Builder, Callable[[], dict], Callable | None]] = {}
 
 
-def register(name: str, build: Builder, default_config: Callable[[], dict] = dict) -> Builder:
+def register(name: str, build: Builder, default_config: Callable[[], dict] = dict,
+             model_overrides: Callable[[Any], dict] | None = None) -> Builder:
     if name in _REGISTRY:
         raise ValueError(f"Sparsity method {name!r} is already registered.")
-    _REGISTRY[name] = (build, default_config)
+    _REGISTRY[name] = (build, default_config, model_overrides)
     return build
+
+
+def model_overrides(config) -> dict:
+    """The ``ModelConfig`` fields that ``config.sparsity``'s method sets ({} for most)."""
+    sp = config.get("sparsity", None)
+    name = sp.get("name", "none") if sp is not None else "none"
+    if name not in _REGISTRY or _REGISTRY[name][2] is None:
+        return {}
+    return dict(_REGISTRY[name][2](method_config(config)))
 
 
 def get(name: str) -> Builder:

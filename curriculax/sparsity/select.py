@@ -1,14 +1,24 @@
 """Train a fixed subset of whole parameters chosen by path (e.g. embedding-only tuning).
 
 ``include`` is a regular expression over parameter paths (``embed``, ``lm_head``,
-``layers/3/attn/q``, ``layers/0/mlp_norm/scale``...); matching parameters train with the usual
-clip + AdamW, everything else is frozen and holds **no** optimizer state (the sparse-state
-transform of :mod:`curriculax.sparsity.lift` with dense/frozen leaves). Default: embedding-only
-tuning (``include=r"^embed$"``); e.g. ``r"norm"`` tunes only the RMSNorm scales,
-``r"^(embed|lm_head)$"`` the vocabulary matrices.
+``layers/3/attn/q``, ``layers/0/mlp_norm/scale``...) or the name of a preset in :data:`PRESETS`;
+matching parameters train with the usual clip + AdamW, everything else is frozen and holds
+**no** optimizer state (the sparse-state transform of :mod:`curriculax.sparsity.lift` with
+dense/frozen leaves). Default: embedding-only tuning (``include="embedding-only"``, i.e.
+``r"^embed$"``: the input embedding matrix, which is also the output head when embeddings are
+tied); e.g. ``"norms"`` tunes only the RMSNorm scales, ``"vocab"`` both vocabulary matrices.
+
+(Li & Liang's "embedding-only" ablation of prefix tuning, learned virtual-token embeddings at the
+input only, is a different method: it is not implemented.)
+
+:func:`selection` is the building block other methods reuse for their own trainable set
+(LoRAMoE's experts, prefix tuning's keys/values), with :func:`fill_missing` to create those
+parameters when the starting weights lack them (a Hugging Face checkpoint).
 """
 
 from __future__ import annotations
+
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -16,19 +26,33 @@ import optax
 
 from curriculax.sparsity import base, lift
 
+PRESETS = {
+    "embedding-only": r"^embed$",
+    "norms": r"norm/scale$",
+    "vocab": r"^(embed|lm_head)$",
+}
+
 
 def default_config() -> dict:
-    return dict(include=r"^embed$")
+    return dict(include="embedding-only")
 
 
-def build(config, abstract_params) -> base.Sparsity:
-    cfg = base.method_config(config)
+def pattern(include: str) -> str:
+    """A preset name's regular expression; any other string is used as a regex."""
+    return PRESETS.get(include, include)
+
+
+def selection(config, abstract_params, include: str, *, what: str = "sparsity.include"
+              ) -> base.Sparsity:
+    """Clip + AdamW on the leaves whose path matches the regex ``include``, the rest frozen
+    (bitwise: exact zero updates, no optimizer state). Weight decay (``config.optimizer``) on the
+    trained leaves of rank >= 2. ``what`` names the setting in the error when nothing matches."""
     plan = base.map_with_path(
-        lambda path, p: lift.LeafPlan("dense" if base.matches(cfg.include, path) else "frozen"),
+        lambda path, p: lift.LeafPlan("dense" if base.matches(include, path) else "frozen"),
         abstract_params)
     kinds = [lp.kind for lp in jax.tree.leaves(plan, is_leaf=lift._is_plan)]
     if "dense" not in kinds:
-        raise ValueError(f"sparsity.include={cfg.include!r} matches no parameter.")
+        raise ValueError(f"{what}={include!r} matches no parameter.")
     decay = jax.tree.map(lambda lp, p: lp.kind == "dense" and len(p.shape) >= 2, plan,
                          abstract_params, is_leaf=lift._is_plan)
     inner = base.base_optimizer(config.optimizer, config.steps, decay_mask=decay)
@@ -47,6 +71,25 @@ def build(config, abstract_params) -> base.Sparsity:
             lambda lp: jnp.bool_(lp.kind == "dense"), plan, is_leaf=lift._is_plan),
         mask_shardings=lambda m, p, replicated: jax.tree.map(lambda _: replicated, m),
         opt_state_shardings=opt_state_shardings)
+
+
+def fill_missing(params, abstract, init_leaf, rng):
+    """``params`` completed to the structure of ``abstract``: a leaf it lacks is created by
+    ``init_leaf(path, shape, dtype, key)`` (key from ``rng`` and the path, so it does not depend
+    on which other leaves are missing); leaves it has are kept as they are."""
+    have = {base.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+    def one(path, a):
+        if path in have:
+            return have[path]
+        key = jax.random.fold_in(rng, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        return init_leaf(path, a.shape, a.dtype, key)
+    return base.map_with_path(one, abstract)
+
+
+def build(config, abstract_params) -> base.Sparsity:
+    cfg = base.method_config(config)
+    return selection(config, abstract_params, pattern(cfg.include))
 
 
 base.register("select", build, default_config)

@@ -73,6 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.objective.name = "sft"
     c.objective.normalization = "token"  # token | sequence | batch | constant
     c.objective.impl = "auto"  # fused LM-head kernel: auto | xla_chunked | xla_naive | pallas_*
+    # Multi-device meshes: run the kernel under shard_map (rows over batch axes, vocab over
+    # `tensor`): auto (Pallas impls only) | always | never (leave partitioning to XLA).
+    c.objective.shard_map = "auto"
 
     # Parameter selection (curriculax.sparsity): none | lift | hft | lt_sft | lora | select.
     # Settings sit next to `name`; `curriculax.sparsity.config("lift", ...)` fills in defaults.

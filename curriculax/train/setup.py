@@ -158,6 +158,8 @@ def build(cfg) -> Experiment:
         init_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     else:
         model_config = config_lib.model_config(cfg)
+    # Methods that add modules to the model (LoRAMoE, prefix tuning) switch them on here.
+    model_config = model_config.replace(**sparsity_lib.base.model_overrides(cfg))
     if model_config.vocab_size < tokenizer.vocab_size:
         raise ValueError(
             f"config.model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's "

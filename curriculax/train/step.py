@@ -4,6 +4,12 @@ Everything happens inside one ``jax.jit``: the curriculum draws bank rows on the
 transforms rewrite the batch, the objective runs through the fused LM-head kernel, and
 per-example feedback updates the curriculum state before the step returns. Nothing crosses
 to the host but the metrics.
+
+Auxiliary model losses: the trained forward pass runs under ``nnx.capture(model, AuxLoss)``
+with the batch's per-example ``category``; whatever :class:`~curriculax.models.layers.AuxLoss`
+scalars the model sows (LoRAMoE's balancing constraint) are summed into the loss (averaged over
+``grad_accum`` micro-batches, each computing its own). A model that sows nothing trains exactly
+as before.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from flax import nnx
 
 from curriculax import objectives, transforms
 from curriculax.curriculum.base import Feedback
+from curriculax.models.layers import AuxLoss
 from curriculax.sharding import named_sharding
 from curriculax.train.state import TrainState
 
@@ -48,6 +55,7 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
         raise ValueError(f"config.transforms has several model-level transforms "
                          f"{[name for name, _ in embed_hooks]}; at most one may set `embed`.")
     kernel_options = objective.kernel_options(config.objective) if objective.kernel_options else {}
+    sharded = dict(mesh=mesh, rules=rules, shard_map=config.objective.get("shard_map", "auto"))
 
     def constrain_batch(tree):
         if mesh is None:
@@ -59,13 +67,15 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
         return jax.tree.map(one, tree)
 
     def head_stats(params, ref_params, batch, rng, model_ctx=None):
-        """Fused LM-head statistics, with the extras the objective asked for."""
+        """Fused LM-head statistics, with the extras the objective asked for, and the list of
+        auxiliary losses the model sowed (empty for most models)."""
         model = nnx.merge(graphdef, to_model(params))
+        forward = nnx.capture(model, AuxLoss)
         if model_ctx is None:
-            hidden = model(batch.tokens)
+            hidden, sown = forward(batch.tokens, category=batch.category)
         else:  # the embed hook's inputs (e.g. scheduled sampling's gold/prediction mixup)
             embeds = embed_hooks[0][1](model, batch, jax.random.fold_in(rng, 1), model_ctx)
-            hidden = model(batch.tokens, inputs_embeds=embeds)
+            hidden, sown = forward(batch.tokens, inputs_embeds=embeds, category=batch.category)
         extra = dict(kernel_options)
         if "ref" in objective.needs:  # frozen reference head for KL anchors
             ref = nnx.merge(graphdef, jax.lax.stop_gradient(to_model(ref_params)))
@@ -73,17 +83,20 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
         if "sample" in objective.needs:  # in-kernel Gumbel-max sampling (OTR)
             extra.update(sample_rng=rng)
         stats = objectives.lm_head_stats(hidden, model.lm_head_weight(), batch.targets,
-                                         batch.loss_mask, impl=impl, **extra)
+                                         batch.loss_mask, impl=impl, **sharded, **extra)
         if "ref_logprob" in objective.needs and getattr(stats, "ref_target_logprob", None) is None:
             ref_stats = objectives.lm_head_stats(extra["ref_hidden"], extra["ref_weight"],
-                                                 batch.targets, batch.loss_mask, impl=impl)
+                                                 batch.targets, batch.loss_mask, impl=impl,
+                                                 **sharded)
             stats = objectives.attach(stats, ref_target_logprob=ref_stats.target_logprob)
-        return stats
+        return stats, jax.tree.leaves(sown)
 
     def micro_loss(params, ref_params, batch, weights, rng, denominator, model_ctx=None):
-        stats = head_stats(params, ref_params, batch, rng, model_ctx)
+        stats, aux = head_stats(params, ref_params, batch, rng, model_ctx)
         token_loss = objective.token_loss(stats, batch, config.objective)
         loss = objectives.reduce_loss(token_loss, batch.loss_mask, weights, denominator, mode)
+        if aux:  # micro-batch losses are summed: each adds its share of the auxiliary mean
+            loss = loss + sum(aux) / accum
         return loss, example_stats(stats, batch.loss_mask)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -122,7 +135,7 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
             return {}
         idx = curriculum.probe(state.curriculum, rng, meta)
         rows = bank.gather(idx)
-        stats = head_stats(state.params, state.ref_params, rows, rng)
+        stats, _ = head_stats(state.params, state.ref_params, rows, rng)
         loss, _ = example_stats(jax.lax.stop_gradient(stats), rows.loss_mask)
         return {"probe_indices": idx, "probe_loss": loss}
 
