@@ -27,7 +27,8 @@ def fake_train(cfg, workdir):
 
 @pytest.mark.slow  # one experiment build + compile per snippet
 @pytest.mark.parametrize("i", range(1, len(BLOCKS)))
-def test_doc_snippet_runs(i):
+def test_doc_snippet_runs(i, tmp_path, monkeypatch):
     assert "quickstart_config()" in BLOCKS[0]
+    monkeypatch.chdir(tmp_path)  # snippets that write files (CorDA's covariances) stay here
     scope = {"train": fake_train, "c": tiny_config()}
     exec(compile(BLOCKS[i], f"{DOC.name}[{i}]", "exec"), scope)  # noqa: S102

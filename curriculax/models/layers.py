@@ -31,6 +31,16 @@ class AuxLoss(nnx.Intermediate):
 
 # LoRAMoE (curriculax.peft.loramoe): pure functions ------------------------------------------
 
+class LayerInput(nnx.Intermediate):
+    """The inputs of the projection matrices, sown only while a module's ``record_inputs`` is
+    set (CorDA's covariance collection, :func:`curriculax.peft.corda.collect_covariances`)."""
+
+
+def record(module: nnx.Module, name: str, x) -> None:
+    if getattr(module, "record_inputs", False):
+        module.sow(LayerInput, name, x)
+
+
 def kaiming_uniform(fan_in_axis: int):
     """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``: PyTorch's ``kaiming_uniform_(a=sqrt(5))`` on an
     ``nn.Linear`` weight (gain ``sqrt(1/3)`` times ``sqrt(3/fan_in)``), fan-in read from
@@ -213,6 +223,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxTxd, positions_BxT, segment_ids_BxT, q_index_BxT, layer_cache=None):
         cfg = self.cfg
+        record(self, "qkv_input", x_BxTxd)
         q = self._project(x_BxTxd, self.q, "q_bias")
         k = self._project(x_BxTxd, self.k, "k_bias")
         v = self._project(x_BxTxd, self.v, "v_bias")
@@ -242,6 +253,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cfg.compute_dtype))
         out = out.reshape(b, t, h, hd)
+        record(self, "o_input", out.reshape(b, t, h * hd))
         y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(cfg.compute_dtype))
         return y, layer_cache
 
@@ -262,6 +274,7 @@ class Attention(nnx.Module):
         out = (jnp.einsum("bkgtp,pkd->btkgd", probs[..., :n], pv)
                + jnp.einsum("bkgts,bskd->btkgd", probs[..., n:], v.astype(dt)))
         out = out.reshape(b, t, kv * groups, hd)
+        record(self, "o_input", out.reshape(b, t, kv * groups * hd))
         return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
 
 
@@ -291,9 +304,12 @@ class MLP(nnx.Module):
         return y
 
     def __call__(self, x, example_type_B=None):
+        record(self, "gate_up_input", x)
         g = self._adapted("gate", x, self.gate, example_type_B)
         u = self._adapted("up", x, self.up, example_type_B)
-        return self._adapted("down", jax.nn.silu(g) * u, self.down, example_type_B)
+        h = jax.nn.silu(g) * u
+        record(self, "down_input", h)
+        return self._adapted("down", h, self.down, example_type_B)
 
 
 class Block(nnx.Module):

@@ -15,16 +15,43 @@ In our layout the LoRA factors are ``a = A_hfᵀ [in, r]`` and ``b = B_hfᵀ [r,
 adapted model starts exactly at the pretrained one. ``damping=None`` uses the paper's pure
 formula (``C' = C``).
 
-Done here: the decomposition (:func:`decompose`) and :func:`init_adapters` for a params tree given
-per-target covariances. Not done: collecting the covariances from the model's layer inputs on
-calibration data, and starting a ``lora`` training run from these adapters in the trainer.
+Pipeline:
+
+1. :func:`collect_covariances` runs the frozen model over calibration rows and accumulates
+   ``C = Σ_tokens x xᵀ`` of every targeted projection's input (padding excluded), from the
+   inputs the model sows while ``record_inputs`` is on (``q/k/v`` share one input, as do
+   ``gate/up``).
+2. :func:`prepare` does this for a config's starting model (``model.init_from`` /
+   ``model.hf_path`` / random) on its training data (``ipm``: the task) or on other data passed
+   as ``calibration`` records (``kpm``: the knowledge to keep), damps the covariances on the
+   host and writes them to ``<workdir>/corda_covariances.npz``. It returns the ``lora`` config
+   whose ``init_params`` decomposes every target inside the jitted init
+   (:func:`decompose_jnp`): the frozen base becomes ``W_res`` and the adapters start at
+   ``(a, b)`` with scale 1 (``alpha = rank``), so training starts exactly at the pretrained model.
+
+Defaults (``default_config``): rank 128 (paper, LLaMA-2), ``ipm``, damping 0.01 doubled until
+the inverse error < 0.05 (official code), 256 calibration samples.
+
+Usage::
+
+    lora_cfg = corda.prepare(c, "runs/corda", rank=16)   # covariances from c's training data
+    train(lora_cfg, "runs/corda")
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from curriculax.sparsity import base
+
+# Which sown input feeds which projection (curriculax.models.layers.record).
+_INPUTS = {"attn": {"qkv_input": ("q", "k", "v"), "o_input": ("o",)},
+           "mlp": {"gate_up_input": ("gate", "up"), "down_input": ("down",)}}
 
 
 def default_config() -> dict:
@@ -85,3 +112,149 @@ def init_adapters(params, covariances: dict, rank: int, mode: str = "ipm", **kw)
 
     residual = jax.tree_util.tree_map_with_path(one, params)
     return residual, adapters
+
+
+def _set_recording(model, on: bool) -> None:
+    from flax import nnx
+
+    from curriculax.models.layers import MLP, Attention
+
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, (Attention, MLP)):
+            module.record_inputs = on
+
+
+def collect_covariances(model, batches, pattern: str | None = None) -> dict[str, np.ndarray]:
+    """``{weight path: Σ x xᵀ}`` (float64) over the real tokens of ``batches``.
+
+    ``batches`` yields ``(tokens [B,T], mask [B,T])``; ``mask`` marks the tokens whose inputs
+    count (padding excluded). ``pattern`` (a path regex, as LoRA's ``targets``) limits the paths.
+    """
+    from flax import nnx
+
+    from curriculax.models.layers import LayerInput
+
+    _set_recording(model, True)
+    try:
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def one(state, tokens, mask):
+            m = nnx.merge(graphdef, state)
+            _, sown = nnx.capture(m, LayerInput)(tokens)
+            w = mask.astype(jnp.float32)[..., None]
+            return jax.tree.map(lambda x: jnp.einsum("bti,btj->ij", x.astype(jnp.float32) * w,
+                                                     x.astype(jnp.float32)),
+                                nnx.to_pure_dict(sown))
+
+        total: dict[str, np.ndarray] = {}
+        for tokens, mask in batches:
+            sums = jax.device_get(one(state, jnp.asarray(tokens), jnp.asarray(mask)))
+            for i, layer in sums["layers"].items():
+                for block, inputs in _INPUTS.items():
+                    for key, names in inputs.items():
+                        cov = np.asarray(layer[block][key][0], np.float64)
+                        for name in names:
+                            path = f"layers/{i}/{block}/{name}"
+                            if pattern is None or re.search(pattern, path):
+                                total[path] = total.get(path, 0.0) + cov
+        return total
+    finally:
+        _set_recording(model, False)
+
+
+def decompose_jnp(w, cov_damped, cov_inverse, rank: int, mode: str = "ipm"):
+    """:func:`decompose` in jnp (inside a jitted init) with a host-damped ``C'`` and ``C'^-1``."""
+    w_hf = jnp.asarray(w, jnp.float32).T
+    u, s, vt = jnp.linalg.svd(w_hf @ cov_damped, full_matrices=False)
+    v_hat_t = vt @ cov_inverse
+    sel = slice(0, rank) if mode == "ipm" else slice(s.shape[0] - rank, s.shape[0])
+    root = jnp.sqrt(s[sel])
+    b_hf = u[:, sel] * root
+    a_hf = root[:, None] * v_hat_t[sel]
+    return a_hf.T, b_hf.T, (w_hf - b_hf @ a_hf).T
+
+
+def save_covariances(path, covariances: dict, *, damping=0.01, tolerance: float = 0.05) -> None:
+    """Damped covariances and their inverses (float32), keyed by weight path, as one ``.npz``."""
+    arrays = {}
+    for name, cov in covariances.items():
+        c = damp(cov, damping, tolerance)
+        arrays[f"{name}|c"] = c.astype(np.float32)
+        arrays[f"{name}|inv"] = np.linalg.inv(c).astype(np.float32)
+    np.savez(path, **arrays)
+
+
+def load_covariances(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    with np.load(path) as z:
+        names = sorted({k.split("|")[0] for k in z.files})
+        return {n: (z[f"{n}|c"], z[f"{n}|inv"]) for n in names}
+
+
+def init_from_file(params, path, rank: int, mode: str):
+    """``(residual params, adapters)`` from saved covariances, traceable inside ``jax.jit``."""
+    covs = load_covariances(path)
+    adapters = {}
+
+    def one(keypath, p):
+        name = base.path_str(keypath)
+        if name not in covs:
+            return p
+        m, n = base.matrix_view(name, p.shape)
+        c, inv = covs[name]
+        a, b, res = decompose_jnp(p.reshape(m, n), c, inv, rank, mode)
+        adapters[name] = {"a": a, "b": b}
+        return res.reshape(p.shape).astype(p.dtype)
+
+    residual = jax.tree_util.tree_map_with_path(one, params)
+    return residual, adapters
+
+
+def prepare(cfg, workdir, *, rank: int | None = None, mode: str | None = None,
+            targets: str | None = None, calibration: Sequence[dict] | None = None,
+            samples: int | None = None, batch_size: int = 16):
+    """Collects covariances for ``cfg``'s starting model and returns the CorDA ``lora`` config.
+
+    The calibration rows are ``calibration`` records (e.g. knowledge questions for ``kpm``)
+    or the first ``samples`` training rows; their prompt and response tokens count. The file
+    is written once (``<workdir>/corda_covariances.npz``); a rerun reuses it.
+    """
+    import pathlib
+
+    from flax import nnx
+
+    from curriculax import sparsity as sparsity_lib
+    from curriculax.data.bank import ExampleBank
+    from curriculax.peft import lora
+    from curriculax.train import setup
+
+    d = default_config()
+    rank, mode = rank or d["rank"], mode or d["mode"]
+    targets = targets or lora.default_config()["targets"]
+    samples = samples or d["samples"]
+    if mode not in ("ipm", "kpm"):
+        raise ValueError(f"CorDA mode={mode!r}; expected 'ipm' or 'kpm'.")
+    root = pathlib.Path(workdir)
+    path = root / "corda_covariances.npz"
+    if not path.exists():
+        exp = setup.build(cfg)
+        model = nnx.merge(exp.graphdef, exp.model_params(exp.init_state().params))
+        data = exp.train_data if calibration is None else ExampleBank.build(
+            list(calibration), exp.tokenizer, cfg.data.seq_len, template=cfg.data.template)
+        bank = data.bank
+        n = min(samples, len(data))
+        real = (np.arange(bank.tokens.shape[1])[None, :]
+                < (bank.prompt_len[:, None] + bank.loss_mask.sum(-1, keepdims=True)))
+        batches = [(bank.tokens[np.minimum(np.arange(lo, lo + batch_size), n - 1)],
+                    real[np.minimum(np.arange(lo, lo + batch_size), n - 1)]
+                    & (np.arange(lo, lo + batch_size) < n)[:, None])
+                   for lo in range(0, n, batch_size)]  # fixed shapes: one compilation
+        covs = collect_covariances(model, batches, targets)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / "corda_covariances.tmp.npz"
+        save_covariances(tmp, covs, damping=d["damping"], tolerance=d["tolerance"])
+        tmp.replace(path)
+    out = cfg.copy_and_resolve_references()
+    out.sparsity = sparsity_lib.config("lora", rank=rank, alpha=float(rank), targets=targets,
+                                       corda=str(path), corda_mode=mode)
+    return out

@@ -32,8 +32,9 @@ from curriculax.sparsity import base
 
 
 def default_config() -> dict:
+    # corda: a covariance file from curriculax.peft.corda.prepare -> CorDA-initialized adapters
     return dict(rank=8, alpha=16.0, targets=r"layers/\d+/(attn/[qkvo]|mlp/(gate|up|down))$",
-                seed=0)
+                seed=0, corda="", corda_mode="ipm")
 
 
 def targets(abstract_params, pattern: str) -> dict[str, tuple[int, int]]:
@@ -123,6 +124,19 @@ def build(config, abstract_params) -> base.Sparsity:
 
     def init_params(params, rng):
         del rng
+        if cfg.get("corda"):  # CorDA: base = W_res, adapters from the context decomposition
+            from curriculax.peft import corda
+
+            if float(cfg.alpha) != float(cfg.rank):
+                raise ValueError(f"sparsity.corda needs scale 1: set sparsity.alpha = "
+                                 f"sparsity.rank = {cfg.rank} (got alpha={cfg.alpha}).")
+            residual, adapters = corda.init_from_file(params, cfg.corda, cfg.rank, cfg.corda_mode)
+            missing = set(shapes) - set(adapters)
+            if missing:
+                raise ValueError(f"sparsity.corda={cfg.corda!r} has no covariance for "
+                                 f"{sorted(missing)[:3]}...: rerun corda.prepare with the same "
+                                 f"targets.")
+            return {"base": residual, "lora": adapters}
         return {"base": params,
                 "lora": init(params, key, rank=cfg.rank, pattern=cfg.targets)}
 

@@ -77,7 +77,8 @@ def default_config() -> ml_collections.ConfigDict:
     # `tensor`): auto (Pallas impls only) | always | never (leave partitioning to XLA).
     c.objective.shard_map = "auto"
 
-    # Parameter selection (curriculax.sparsity): none | lift | hft | lt_sft | lora | select.
+    # Parameter selection (curriculax.sparsity): none | lift | hft | lt_sft | lora | loramoe |
+    # prefix | locft | select.
     # Settings sit next to `name`; `curriculax.sparsity.config("lift", ...)` fills in defaults.
     c.sparsity = ml_collections.ConfigDict(dict(name="none"))
 

@@ -1,0 +1,59 @@
+"""CorDA end to end: covariances from the model's layer inputs, the jitted decomposition, and a
+LoRA run that starts exactly at the pretrained model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from test_sparsity import _stepwise  # tests/ is on sys.path under pytest
+from test_train import tiny_config
+
+from curriculax.models import ModelConfig, Transformer
+from curriculax.peft import corda
+
+
+def test_collected_covariances_equal_the_layer_inputs():
+    model = Transformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, 264)
+    mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3], bool)
+    covs = corda.collect_covariances(model, [(tokens, mask), (tokens, mask)])
+    x = model.layers[0].attn_norm(jnp.take(model.embed[...], tokens, axis=0))
+    x = np.asarray(x)[np.asarray(mask)]
+    expect = 2 * x.T.astype(np.float64) @ x  # two identical batches
+    for name in ("q", "k", "v"):
+        np.testing.assert_allclose(covs[f"layers/0/attn/{name}"], expect, rtol=1e-4, atol=1e-4)
+    d, f = model.config.hidden_size, model.config.intermediate_size
+    assert covs["layers/1/mlp/down"].shape == (f, f) and covs["layers/1/mlp/up"].shape == (d, d)
+    heads = model.config.num_heads * model.config.head_dim
+    assert covs["layers/0/attn/o"].shape == (heads, heads)
+    assert not any(getattr(m, "record_inputs", False) for _, m in nnx.iter_modules(model))
+
+
+def test_jnp_decomposition_matches_numpy():
+    w = np.array([[1.0, 2.0], [3.0, 4.0]]).T
+    cov = np.array([[2.0, 1.0], [1.0, 5.0]])
+    c = corda.damp(cov)
+    for mode in ("ipm", "kpm"):
+        a, b, res = corda.decompose(w, cov, 1, mode)
+        ja, jb, jres = jax.jit(corda.decompose_jnp, static_argnums=(3, 4))(
+            w, c.astype(np.float32), np.linalg.inv(c).astype(np.float32), 1, mode)
+        np.testing.assert_allclose(ja @ jb, a @ b, atol=1e-4)
+        np.testing.assert_allclose(jres, res, atol=1e-4)
+
+
+def test_corda_lora_run_starts_at_the_pretrained_model(tmp_path):
+    cfg = tiny_config(**{"optimizer.warmup_steps": 0})
+    targets = r"layers/\d+/(attn/(q|v)|mlp/down)$"
+    lora_cfg = corda.prepare(cfg, tmp_path, rank=4, targets=targets, samples=16, batch_size=8)
+    assert (tmp_path / "corda_covariances.npz").exists()
+    assert lora_cfg.sparsity.corda.endswith("corda_covariances.npz")
+    plain, plain_states, plain_losses = _stepwise(cfg, 1)
+    exp, states, losses = _stepwise(lora_cfg, 3)
+    # W_res + A B = W: the first step sees exactly the starting model's loss.
+    np.testing.assert_allclose(losses[0], plain_losses[0], rtol=1e-4)
+    merged = exp.model_params(states[0].params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), merged,
+                 plain_states[0].params)
+    assert set(states[0].params["lora"]) == {
+        f"layers/{i}/{m}" for i in (0, 1) for m in ("attn/q", "attn/v", "mlp/down")}
+    assert losses[-1] < losses[0]
