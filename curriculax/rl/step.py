@@ -67,8 +67,8 @@ def make_rl_step(*, graphdef, curriculum, optimizer, lr_schedule, config, host_r
                  interleave=None, mesh=None, rules=()):
     """Returns ``rl_step(state, bank) -> (state, metrics)``; ``config.batch_size`` prompts/step.
 
-    ``interleave(state, bank, signals_info) -> (state, metrics)``, when given, runs after the
-    policy update (ReLIFT's SFT on the hardest prompts).
+    ``interleave(state, bank, rows_P, correct_PxG) -> (state, metrics)``, when given, runs
+    after the policy update (ReLIFT's SFT on the prompts no rollout solved).
     """
     rl = config.rl
     num_prompts, group = config.batch_size, int(rl.group_size)
@@ -98,7 +98,9 @@ def make_rl_step(*, graphdef, curriculum, optimizer, lr_schedule, config, host_r
         loss = grpo.aggregate(tok, seq.loss_mask, rl.aggregation, weights)
         m = seq.loss_mask.astype(jnp.float32)
         ratio = jnp.exp(logp - old)
-        clipped = (jnp.abs(ratio - 1.0) > float(rl.get("clip_eps_low", 0.2))) & seq.loss_mask
+        a = signals.advantage[:, None]  # clipped = the surrogate's gradient is cut (TRL's count)
+        clipped = (((ratio < 1.0 - float(rl.clip_eps_low)) & (a < 0))
+                   | ((ratio > 1.0 + float(rl.clip_eps_high)) & (a > 0))) & seq.loss_mask
         aux = {"kl": jnp.sum(kl * m) / jnp.maximum(m.sum(), 1.0),
                "clip_fraction": clipped.sum() / jnp.maximum(m.sum(), 1.0)}
         return loss, aux

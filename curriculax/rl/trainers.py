@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from curriculax.rl import nft, preference, relift, step  # noqa: F401  (nft registers its loss)
+from curriculax.rl import base, nft, preference, relift, step  # noqa: F401  (nft: its loss)
 from curriculax.rl import rewards as rewards_lib
 from curriculax.train.trainers import Trainer, register
 
@@ -20,7 +20,7 @@ def _check(cfg):
 
 
 def _model_fn(exp):
-    return exp.model_params if exp.sparsity is not None else (lambda p: p)
+    return exp.model_params
 
 
 def prompt_width(exp) -> int:
@@ -59,7 +59,8 @@ def _rl_check(cfg):
         raise ValueError(f"config.rl.relift_capacity={cfg.rl.relift_capacity} must hold at least "
                          f"batch_size={cfg.batch_size} and rl.relift_sft_size="
                          f"{cfg.rl.relift_sft_size} rows.")
-    rewards_lib.combine(cfg.rl.rewards)  # unknown reward names fail here, before any compile
+    rewards_lib.combine(cfg.rl.rewards)  # unknown names fail here, before any compile
+    base.get(cfg.rl.loss)
 
 
 register("rl", Trainer(_rl_step, init_extra=_rl_extra, needs_ref=lambda c: c.rl.kl_coef > 0,

@@ -1,0 +1,51 @@
+"""Every config file loads, names its required fields, and the CPU-sized ones build."""
+
+import pathlib
+
+import pytest
+
+from curriculax.train import build
+from curriculax.train.config import sibling_config, validate
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+ARGS = {
+    "quickstart": [None], "gsm8k_sft": [None], "curricula_arith": ["uniform", "sec"],
+    "sec_countdown": ["warmup", "uniform", "ordered", "sec"], "sec_math": ["sec", "uniform"],
+    "reft_sft": ["tiny", "gsm8k"], "reft_rl": ["tiny", "gsm8k"],
+    "curr_reft": ["warmup", "judge", "choice", "open"],
+}
+
+
+def load(name, arg):
+    return sibling_config(str(CONFIGS / f"{name}.py"), name, arg)
+
+
+def test_every_config_file_is_listed():
+    assert {p.stem for p in CONFIGS.glob("*.py")} == set(ARGS)
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n, args in ARGS.items() for a in args])
+def test_config_loads_and_requires_what_it_says(name, arg):
+    cfg = load(name, arg)
+    for field in cfg.required_fields:
+        with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+            validate(cfg)
+        section, key = field.split(".")
+        cfg[section][key] = "/somewhere"
+    validate(cfg)
+
+
+@pytest.mark.parametrize("name,arg", [("sec_countdown", "sec"), ("reft_rl", "tiny"),
+                                      ("curr_reft", "choice")])
+def test_cpu_configs_build(name, arg):
+    cfg = load(name, arg)
+    cfg.required_fields = ()
+    cfg.data.num_train, cfg.data.num_eval = 64, 8
+    exp = build(cfg)
+    assert exp.config.trainer == "rl" and exp.abstract_state.params is not None
+    with pytest.raises(ValueError, match="unknown|Unknown"):
+        bad = load(name, arg)
+        bad.rl.loss = "ppo_value_head"
+        bad.required_fields = ()
+        bad.data.num_train, bad.data.num_eval = 64, 8
+        build(bad)
