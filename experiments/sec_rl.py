@@ -6,8 +6,10 @@
    policy solves some puzzles and GRPO has reward variance to learn from.
 2. For each curriculum (uniform, ordered, sec) and seed, GRPO from the warm-up weights
    (``configs/sec_countdown.py:<curriculum>``, ``model.init_from`` = the warm-up). The seed
-   draws the rollouts, the curriculum's randomness and the RL data order; the data and the
-   starting weights are shared, so differences come from the curriculum.
+   draws the RL problems and the held-out set (synthetic, from ``config.seed``), the rollouts
+   and the curriculum's randomness; the starting weights are shared. Within a seed every
+   curriculum sees the same problems and held-out set, so the paired differences isolate the
+   curriculum.
 3. Records held-out greedy accuracy overall and per difficulty (number of countdown numbers),
    the mean training reward, SEC's Q-values over time, and rollout throughput (generated
    tokens/s of the jitted sampler alone, measured after compilation).
