@@ -300,7 +300,8 @@ def run_seed(args, seed, tmp, gsm):
         cfg.sparsity = sp
         t = time.time()
         exp, state, losses, times = run(cfg, base_params, args.gsm8k_steps)
-        row = dict(train_seconds=time.time() - t,train_loss=float(losses[-5:].mean()), step_ms=1e3 * float(np.median(times)),
+        row = dict(train_seconds=time.time() - t, train_loss=float(losses[-5:].mean()),
+                   step_ms=1e3 * float(np.median(times)),
                    **measure(exp, state.params, {k: banks[k] for k in ("gsm8k", "source")},
                              args, with_accuracy=("source",)))
         row["seconds"] = time.time() - t
@@ -458,7 +459,7 @@ def render(results, meta, args) -> str:
     for m in names:
         if m == "full":
             continue
-        d = lambda k, s=1.0: np.subtract(per("arith", m, k), per("arith", "full", k))  # noqa
+        d = lambda k: np.subtract(per("arith", m, k), per("arith", "full", k))  # noqa: E731
         rows.append({"method": m, "Δ target ID acc (pp)": fmt(d("target_id_acc"), True, sign=True),
                      "Δ target OOD acc (pp)": fmt(d("target_ood_acc"), True, sign=True),
                      "Δ target ID NLL": fmt(d("target_id_nll"), sign=True),
@@ -467,6 +468,7 @@ def render(results, meta, args) -> str:
     text += ("\n## Paired difference to full FT (method − full, per seed)\n\n"
              "NLL: negative = better than full FT; accuracy: positive = better.\n\n")
     text += report.table(rows)
+    text += pairs_table(results, seeds, names, a["rank"])
     rows = []
     for m in names:
         share = np.mean(per("arith", m, "trained")) / np.mean(per("arith", m, "total_params"))
@@ -509,6 +511,38 @@ def render(results, meta, args) -> str:
     return text
 
 
+def pairs_table(results, seeds, names, rank) -> str:
+    """Paired per-seed differences for the comparisons the papers make: LIFT against LoRA
+    (same trainable count at rank r) and LT-SFT (same density), the largest LIFT budget against
+    LoRA r, and HFT against full FT."""
+    lifts = sorted((n for n in names if n.startswith("lift_r")), key=lambda n: int(n[6:]))
+    pairs = [(f"lift_r{rank}", f"lora_r{rank}"), (f"lift_r{rank}", "lt_sft")]
+    if lifts and lifts[-1] != f"lift_r{rank}":
+        pairs.append((lifts[-1], f"lora_r{rank}"))
+    pairs.append(("hft", "full"))
+    rows = []
+    for part in [p for p in ("arith", "gsm8k") if p in results[seeds[0]]]:
+        key = "target_id_nll" if part == "arith" else "gsm8k_nll"
+        have = results[seeds[0]][part]
+        for a, b in pairs:
+            if a not in have or b not in have:
+                continue
+            d = lambda k: [results[s][part][a][k] - results[s][part][b][k]  # noqa: E731
+                           for s in seeds]
+            rows.append({"task": "arithmetic" if part == "arith" else "GSM8K-small",
+                         "comparison": f"{a} − {b}",
+                         "Δ target NLL": fmt(d(key), sign=True),
+                         "Δ source NLL (forgetting)": fmt(d("source_nll"), sign=True),
+                         "per seed (target; source)": "; ".join(
+                             f"{x:+.3f}, {y:+.3f}" for x, y in zip(d(key), d("source_nll")))})
+    if not rows:
+        return ""
+    return ("\n## Paired comparisons (first − second, per seed)\n\n"
+            "Negative = the first method lower (learns the target better / forgets the source "
+            "less). Target NLL: ID for arithmetic, held-out GSM8K for GSM8K-small.\n\n"
+            + report.table(rows))
+
+
 def plot(results, path):
     import matplotlib
 
@@ -516,7 +550,6 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     seeds = sorted(results, key=int)
-    names = list(results[seeds[0]]["arith"])
     parts = [p for p in ("arith", "gsm8k") if p in results[seeds[0]]]
     fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5), squeeze=False)
     for ax, part in zip(axes[0], parts):
@@ -535,7 +568,6 @@ def plot(results, path):
         ax.set_title(f"{'arithmetic' if part == 'arith' else 'GSM8K-small'}: "
                      "learning vs forgetting (mean ± 95% CI)")
         ax.grid(alpha=0.3)
-    del names
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
