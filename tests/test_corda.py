@@ -57,3 +57,17 @@ def test_corda_lora_run_starts_at_the_pretrained_model(tmp_path):
     assert set(states[0].params["lora"]) == {
         f"layers/{i}/{m}" for i in (0, 1) for m in ("attn/q", "attn/v", "mlp/down")}
     assert losses[-1] < losses[0]
+
+
+def test_init_adapters_split_each_covered_weight_exactly():
+    rng = np.random.default_rng(0)
+    params = {"layers": {"0": {"mlp": {"up": rng.normal(size=(4, 6)).astype(np.float32),
+                                       "down": rng.normal(size=(6, 4)).astype(np.float32)}}}}
+    x = rng.normal(size=(32, 4))
+    residual, adapters = corda.init_adapters(params, {"layers/0/mlp/up": x.T @ x}, rank=2)
+    ad = adapters["layers/0/mlp/up"]
+    assert set(adapters) == {"layers/0/mlp/up"} and ad["a"].shape == (4, 2)
+    np.testing.assert_allclose(residual["layers"]["0"]["mlp"]["up"] + ad["a"] @ ad["b"],
+                               params["layers"]["0"]["mlp"]["up"], atol=1e-5)
+    np.testing.assert_array_equal(residual["layers"]["0"]["mlp"]["down"],
+                                  params["layers"]["0"]["mlp"]["down"])

@@ -161,6 +161,21 @@ def _flat(tree):
     return {base.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def assert_trains_only(states, marker: str, changed=np.any) -> set[str]:
+    """Leaves whose path contains ``marker`` moved (``changed``); every other leaf is bitwise
+    unchanged and only the moved ones hold Adam moments. Returns the trained paths."""
+    before, after = _flat(states[0].params), _flat(states[-1].params)
+    trained = {k for k in before if marker in k}
+    for k in before:
+        if k in trained:
+            assert changed(before[k] != after[k]), k
+        else:
+            np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    moments = sum(x.size for x in jax.tree.leaves(states[-1].opt_state) if x.size > 1)
+    assert moments == 2 * sum(before[k].size for k in trained)
+    return trained
+
+
 def test_lift_trains_only_selected_entries_and_refreshes_in_jit():
     cfg = tiny_config(**{"optimizer.weight_decay": 0.1, "optimizer.warmup_steps": 0})
     cfg.sparsity = sparsity.config("lift", filter_rank=4, lora_rank=2, refresh_every=2)

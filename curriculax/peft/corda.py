@@ -93,25 +93,30 @@ def decompose(w, cov, rank: int, mode: str = "ipm", *, damping: float | None = 0
     return f32(a_hf.T), f32(b_hf.T), f32(w_res.T)
 
 
+def _decompose_tree(params, covariances: dict, split):
+    """``(residual params, adapters)``: ``split(w [m, n], cov) -> (a, b, w_res)`` on every
+    weight whose path has a covariance; the rest pass through."""
+    adapters = {}
+
+    def one(keypath, p):
+        name = base.path_str(keypath)
+        if name not in covariances:
+            return p
+        m, n = base.matrix_view(name, p.shape)
+        a, b, res = split(p.reshape(m, n), covariances[name])
+        adapters[name] = {"a": a, "b": b}
+        return res.reshape(p.shape).astype(p.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, params), adapters
+
+
 def init_adapters(params, covariances: dict, rank: int, mode: str = "ipm", **kw):
     """``(residual params, adapters)`` for the :mod:`curriculax.peft.lora` layout
     (``{path: {"a", "b"}}``, scale 1); ``covariances`` maps a target path (``layers/0/attn/q``)
     to its input covariance ``[in, in]`` (``in`` = the first dim of the 2-D view)."""
-    import jax
-
-    adapters = {}
-
-    def one(path, p):
-        name = base.path_str(path)
-        if name not in covariances:
-            return p
-        m, n = base.matrix_view(name, p.shape)
-        a, b, res = decompose(np.asarray(p).reshape(m, n), covariances[name], rank, mode, **kw)
-        adapters[name] = {"a": a, "b": b}
-        return res.reshape(p.shape).astype(np.asarray(p).dtype)
-
-    residual = jax.tree_util.tree_map_with_path(one, params)
-    return residual, adapters
+    params = jax.tree.map(np.asarray, params)
+    return _decompose_tree(params, covariances,
+                           lambda w, cov: decompose(w, cov, rank, mode, **kw))
 
 
 def _set_recording(model, on: bool) -> None:
@@ -193,21 +198,8 @@ def load_covariances(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def init_from_file(params, path, rank: int, mode: str):
     """``(residual params, adapters)`` from saved covariances, traceable inside ``jax.jit``."""
-    covs = load_covariances(path)
-    adapters = {}
-
-    def one(keypath, p):
-        name = base.path_str(keypath)
-        if name not in covs:
-            return p
-        m, n = base.matrix_view(name, p.shape)
-        c, inv = covs[name]
-        a, b, res = decompose_jnp(p.reshape(m, n), c, inv, rank, mode)
-        adapters[name] = {"a": a, "b": b}
-        return res.reshape(p.shape).astype(p.dtype)
-
-    residual = jax.tree_util.tree_map_with_path(one, params)
-    return residual, adapters
+    return _decompose_tree(params, load_covariances(path),
+                           lambda w, c: decompose_jnp(w, c[0], c[1], rank, mode))
 
 
 def prepare(cfg, workdir, *, rank: int | None = None, mode: str | None = None,

@@ -49,10 +49,8 @@ import math
 import re
 
 import jax
-import jax.numpy as jnp
-import optax
 
-from curriculax.sparsity import base, lift
+from curriculax.sparsity import base, select
 
 DEFAULT_DEPTH = 0.7  # layers="" -> int(0.7 * num_layers): Llama-3-8B's 22 of 32 as a fraction
 PAPER = dict(lr=5e-4, batch_size=100, epochs=25)  # official hparams (Llama-3 / Qwen2.5 7-8B)
@@ -121,33 +119,9 @@ def trained_count(abstract_params, config) -> int:
 
 def build(config, abstract_params) -> base.Sparsity:
     cfg = base.method_config(config)
-    pat = pattern(abstract_params, cfg)
-    plan = base.map_with_path(
-        lambda path, p: lift.LeafPlan("dense" if base.matches(pat, path) else "frozen"),
-        abstract_params)
-    if not any(lp.kind == "dense" for lp in jax.tree.leaves(plan, is_leaf=lift._is_plan)):
-        raise ValueError(f"locft: module={cfg.module!r} matches no parameter of layers "
-                         f"{cfg.layers!r} (paths look like layers/0/mlp/down).")
-    # Decay only what trains: frozen leaves must not shrink (their update is exactly 0).
-    decay = jax.tree.map(lambda lp, p: lp.kind == "dense" and len(p.shape) >= 2, plan,
-                         abstract_params, is_leaf=lift._is_plan)
-    inner = base.base_optimizer(config.optimizer, config.steps, weight_decay=cfg.weight_decay,
-                                decay_mask=decay)
-    optimizer = lift.sparse_state(inner, plan)  # moments for the trained leaves only
-
-    def opt_state_shardings(abstract_opt, param_shardings, replicated):
-        compact = jax.tree.map(lambda lp, s: s if lp.kind == "dense" else replicated, plan,
-                               param_shardings, is_leaf=lift._is_plan)
-        return lift.SparseState(optax.tree_map_params(
-            inner, lambda _, s: s, abstract_opt.inner, compact,
-            transform_non_params=lambda _: replicated))
-
-    return base.Sparsity(
-        optimizer=optimizer,
-        init_masks=lambda params, rng: jax.tree.map(
-            lambda lp: jnp.bool_(lp.kind == "dense"), plan, is_leaf=lift._is_plan),
-        mask_shardings=lambda m, p, replicated: jax.tree.map(lambda _: replicated, m),
-        opt_state_shardings=opt_state_shardings)
+    return select.selection(config, abstract_params, pattern(abstract_params, cfg),
+                            what=f"sparsity.module={cfg.module!r} in sparsity.layers",
+                            weight_decay=cfg.weight_decay)
 
 
 base.register("locft", build, default_config)

@@ -42,11 +42,12 @@ def pattern(include: str) -> str:
     return PRESETS.get(include, include)
 
 
-def selection(config, abstract_params, include: str, *, what: str = "sparsity.include"
-              ) -> base.Sparsity:
+def selection(config, abstract_params, include: str, *, what: str = "sparsity.include",
+              weight_decay: float | None = None) -> base.Sparsity:
     """Clip + AdamW on the leaves whose path matches the regex ``include``, the rest frozen
-    (bitwise: exact zero updates, no optimizer state). Weight decay (``config.optimizer``) on the
-    trained leaves of rank >= 2. ``what`` names the setting in the error when nothing matches."""
+    (bitwise: exact zero updates, no optimizer state). Weight decay (``weight_decay``, default
+    ``config.optimizer``'s) on the trained leaves of rank >= 2. ``what`` names the setting in
+    the error when nothing matches."""
     plan = base.map_with_path(
         lambda path, p: lift.LeafPlan("dense" if base.matches(include, path) else "frozen"),
         abstract_params)
@@ -55,7 +56,8 @@ def selection(config, abstract_params, include: str, *, what: str = "sparsity.in
         raise ValueError(f"{what}={include!r} matches no parameter.")
     decay = jax.tree.map(lambda lp, p: lp.kind == "dense" and len(p.shape) >= 2, plan,
                          abstract_params, is_leaf=lift._is_plan)
-    inner = base.base_optimizer(config.optimizer, config.steps, decay_mask=decay)
+    inner = base.base_optimizer(config.optimizer, config.steps, weight_decay=weight_decay,
+                                decay_mask=decay)
     optimizer = lift.sparse_state(inner, plan)
 
     def opt_state_shardings(abstract_opt, param_shardings, replicated):
