@@ -17,7 +17,12 @@ allocates beyond its inputs, gradients included), reported as a ratio to the
 References, each skipped with a note when not installed: Liger's
 ``LigerFusedLinearCrossEntropyLoss``, Apple's CCE ``linear_cross_entropy``
 (both PyTorch, run in a subprocess so that JAX and torch don't share the GPU
-allocator) and tokamax's ``linear_softmax_cross_entropy_loss`` (JAX).
+allocator) and tokamax's ``linear_softmax_cross_entropy_loss`` (JAX; its
+``chunked_xla`` implementation, the memory-efficient one off TPU).
+
+``--bwd-rows``: extra CE rows of each fused impl with ``fused_lm_head(bwd_rows=...)``
+(backward in row groups: smaller float32 ``d_hidden`` accumulator, one more
+bf16 rounding of ``d_weight`` per group).
 
 On ``--device=gpu`` a correctness check of ``pallas_gpu`` (compiled, not
 interpreted) against ``xla_naive`` runs first (``--no-check`` skips it).
@@ -56,6 +61,8 @@ def _parse_args(argv=None):
     ap.add_argument("--all-stats", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--pallas-blocks", default="128,128,64;64,256,32",
                     help="GPU only: extra pallas_gpu CE rows for these 'block_n,block_v,block_d;...' (first shape)")
+    ap.add_argument("--bwd-rows", default="auto,2048",
+                    help="extra CE rows of each fused impl with fused_lm_head(bwd_rows=...) for these values")
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--sweep", action="store_true",
@@ -147,7 +154,7 @@ def _run_torch_refs(n, d, v, iters):
 # ----------------------------------------------------------------------------
 
 
-def _jax_cases(jax, jnp, n, d, v, all_stats, impls, on_gpu, sweep=()):
+def _jax_cases(jax, jnp, n, d, v, all_stats, impls, on_gpu, sweep=(), bwd_rows=()):
     from curriculax.kernels import fused_lm_head
 
     cases = []
@@ -169,6 +176,13 @@ def _jax_cases(jax, jnp, n, d, v, all_stats, impls, on_gpu, sweep=()):
             return -jnp.mean(s.target_logprob)
 
         cases.append((f"{name}", ce, None))
+        for rows in bwd_rows if name != "xla_naive" else ():
+
+            def ce_rows(h, w, t, name=name, rows=rows):
+                s = fused_lm_head(h, w, t, impl=name, interpret=False, bwd_rows=rows)
+                return -jnp.mean(s.target_logprob)
+
+            cases.append((f"{name} bwd_rows={rows}", ce_rows, None))
         if all_stats:
 
             def full(h, w, t, wr, name=name):
@@ -182,10 +196,10 @@ def _jax_cases(jax, jnp, n, d, v, all_stats, impls, on_gpu, sweep=()):
 
         lsce = getattr(tokamax, "linear_softmax_cross_entropy_loss")
 
-        def tok(h, w, t):
-            return lsce(h, t, w, reduction="mean")
+        def tok(h, w, t):  # its memory-efficient impl off TPU ("xla", the default there, materializes)
+            return lsce(h, t, w, reduction="mean", implementation="chunked_xla")
 
-        cases.append(("tokamax (jax)", tok, None))
+        cases.append(("tokamax chunked_xla (jax)", tok, None))
     except Exception as e:  # noqa: BLE001
         cases.append(("tokamax (jax)", None, f"not available: {type(e).__name__}"))
     return cases
@@ -233,17 +247,20 @@ def _gpu_check(jax, jnp):
             t = jax.random.randint(k[3], (n,), 0, v).at[5].set(-100)
             cts = jax.random.normal(k[4], (5, n))
 
-            def loss(h_, w_, impl):
+            def loss(h_, w_, impl, rows):
                 s = fused_lm_head(h_, w_, t, impl=impl, ref_weight=wr, sample_rng=k[5], logit_softcap=20.0,
-                                  interpret=False)
+                                  interpret=False, bwd_rows=rows)
                 stats = (s.target_logprob, s.lse, s.entropy, s.kl_to_ref, s.sampled_logprob)
                 return sum(jnp.sum(c * x) for c, x in zip(cts, stats)), s
 
             res = {}
-            for impl in ("xla_naive", "pallas_gpu", "xla_chunked"):
-                res[impl] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)(h, w, impl)
+            variants = {"xla_naive": ("xla_naive", None), "pallas_gpu": ("pallas_gpu", None),
+                        "pallas_gpu bwd_rows=256": ("pallas_gpu", 256), "xla_chunked": ("xla_chunked", None)}
+            for key, (impl, rows) in variants.items():
+                res[key] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
+                                   static_argnums=(2, 3))(h, w, impl, rows)
             (_, s0), g0 = res["xla_naive"]
-            for impl in ("pallas_gpu", "xla_chunked"):
+            for impl in list(variants)[1:]:
                 (_, s1), g1 = res[impl]
                 stat_err = max(
                     float(jnp.max(jnp.abs(getattr(s1, f) - getattr(s0, f))) / jnp.maximum(1, jnp.max(jnp.abs(getattr(s0, f)))))
@@ -403,7 +420,8 @@ def main(argv=None):
         sweep = []
         if on_gpu and (n, d, v) == shapes[0] and args.pallas_blocks:
             sweep = [tuple(int(x) for x in c.split(",")) for c in args.pallas_blocks.split(";") if c.strip()]
-        for name, fn, note in _jax_cases(jax, jnp, n, d, v, args.all_stats, impls, on_gpu, sweep):
+        bwd_rows = [r if r == "auto" else int(r) for r in args.bwd_rows.split(",") if r.strip()]
+        for name, fn, note in _jax_cases(jax, jnp, n, d, v, args.all_stats, impls, on_gpu, sweep, bwd_rows):
             row = {"N x d x V": shape_s, "impl": name}
             if fn is None:
                 rows.append({**row, "note": note})

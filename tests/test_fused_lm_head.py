@@ -221,6 +221,27 @@ def test_bf16_matches_naive(impl, bf16_case):
             assert _relnorm(g, tr) <= 1.5 * _relnorm(r, tr) + 4e-3, (what, _relnorm(g, tr), _relnorm(r, tr))
 
 
+@pytest.mark.parametrize("impl", ["xla_chunked", "pallas_gpu"])
+def test_backward_row_groups_match_naive(impl, inp32, naive32):
+    """``bwd_rows``: 45 rows in groups of 16 (the last group shifted over done rows)."""
+    cfg = CONFIGS["all"]
+    _, grads = _run(impl, inp32, cfg, dict(BLOCKS[impl], bwd_rows=16))
+    _, ref_grads = naive32["all"]
+    for name, (dh, dw) in grads.items():
+        _close(dh, ref_grads[name][0], 1e-5, f"{impl}/bwd_rows/d_hidden[{name}]")
+        _close(dw, ref_grads[name][1], 1e-5, f"{impl}/bwd_rows/d_weight[{name}]")
+
+
+def test_backward_row_groups_bf16(bf16_case):
+    """Each group adds one bf16 rounding of ``d_weight``; 3 groups stay within the bf16 bound."""
+    inp, cfg, (_, ref_grads), (_, true_grads) = bf16_case
+    _, grads = _run("xla_chunked", inp, cfg, dict(block_v=64, bwd_rows=16))
+    for name, (dh, dw) in grads.items():
+        for g, r, tr in zip((dh, dw), ref_grads[name], true_grads[name]):
+            assert g.dtype == jnp.bfloat16
+            assert _relnorm(g, tr) <= 1.5 * _relnorm(r, tr) + 4e-3, (name, _relnorm(g, tr), _relnorm(r, tr))
+
+
 # ----------------------------------------------------------------------------
 # Pallas (interpret) == xla_chunked
 # ----------------------------------------------------------------------------
@@ -376,6 +397,27 @@ def test_chunked_memory_has_no_NxV_temporary():
     chunked = _grad_fn("xla_chunked", block_v=1024).lower(*_shapes()).compile().memory_analysis()
     assert naive.temp_size_in_bytes >= nv_bytes  # the test can fail
     assert chunked.temp_size_in_bytes < nv_bytes / 8, chunked.temp_size_in_bytes
+
+
+def test_backward_row_groups_shrink_the_accumulator():
+    """The float32 ``d_hidden`` accumulator is ``[bwd_rows, d]``, not ``[N, d]``."""
+    n, d, v = 4096, 256, 8192
+    args = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16), jax.ShapeDtypeStruct((d, v), jnp.bfloat16),
+            jax.ShapeDtypeStruct((n,), jnp.int32))
+
+    def temp(rows):
+        def f(h, w, t):
+            return jax.grad(lambda h_, w_: fused_lm_head(h_, w_, t, impl="xla_chunked", block_v=512,
+                                                         bwd_rows=rows).target_logprob.sum(),
+                            argnums=(0, 1))(h, w)
+        return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    one, grouped = temp(None), temp(512)
+    assert one - grouped >= 4 * (n - 512) * d * 0.9, (one, grouped)
+    assert xla.default_bwd_rows(8192, 2048, 128256, 2) == 1024  # 8 MiB accumulator, 1.5% of the grads
+    assert xla.default_bwd_rows(16384, 1536, 151936, 2) == 1024
+    assert xla.default_bwd_rows(512, 2048, 128256, 2) == 512  # small: one group
+    assert xla.default_bwd_rows(8192, 2048, 128256, 4) == 8192  # float32: no rounding to trade
 
 
 @pytest.mark.parametrize("impl,platform", [("pallas_gpu", "cuda"), ("pallas_tpu", "tpu"), ("xla_chunked", "cpu")])

@@ -5,7 +5,7 @@ Public API
 ``fused_lm_head(hidden [N,d], weight [d,V], targets [N], *, where=None,
 logit_softcap=None, ref_weight=None, ref_hidden=None, kl_direction="policy_ref",
 sample_rng=None, temperature=1.0, block_n=None, block_v=None, block_d=None,
-impl="auto", interpret=None) -> LMHeadStats``
+bwd_rows=None, impl="auto", interpret=None) -> LMHeadStats``
 
 Statistics (float32 ``[N]``; see :mod:`curriculax.kernels.xla` for formulas):
 
@@ -39,6 +39,16 @@ whose backward recomputes logits blockwise from ``(hidden, weight)`` and the
 saved per-row ``lse`` (and entropy / KL / reference lse), supporting
 cotangents on every float statistic at once.  ``d_hidden`` / ``d_weight`` come
 back in the input dtypes; accumulation is float32.
+
+Backward memory (``xla_chunked`` / ``pallas_gpu``): besides the gradients
+themselves the backward holds a float32 ``d_hidden`` accumulator (``4 N d``
+bytes) and one vocabulary chunk.  ``bwd_rows=R`` walks the rows in groups of
+``R`` so the accumulator shrinks to ``4 R d``; each extra group adds one
+rounding of ``d_weight`` in its dtype (bf16: relative error ~``2**-9`` per
+group; none for float32 weights).  ``bwd_rows="auto"`` picks ``R`` so the
+accumulator stays under 2% of the gradients' size
+(:func:`xla.default_bwd_rows`); ``None`` (default) keeps one group.
+``pallas_tpu`` ignores it (its backward accumulates in VMEM).
 
 Implementations (``IMPLS``):
 
@@ -112,8 +122,14 @@ def _mask_stats(stats: dict, valid: jax.Array) -> dict:
     return out
 
 
+def _bwd_rows(bwd_rows, h, w):
+    if bwd_rows == "auto":
+        return xla.default_bwd_rows(h.shape[0], h.shape[1], w.shape[1], jnp.dtype(w.dtype).itemsize)
+    return bwd_rows
+
+
 @functools.lru_cache(maxsize=None)
-def _make_fused(impl: str, opts: HeadOpts, block_n, block_v, block_d, interpret: bool):
+def _make_fused(impl: str, opts: HeadOpts, block_n, block_v, block_d, bwd_rows, interpret: bool):
     """Build the custom_vjp'd statistics function for one static configuration."""
     if impl == "xla_chunked":
 
@@ -123,7 +139,7 @@ def _make_fused(impl: str, opts: HeadOpts, block_n, block_v, block_d, interpret:
 
         def bwd_grads(h, w, hr, wr, rg):
             bv = block_v or xla.default_block_v(h.shape[0], w.shape[1])
-            return xla.chunked_backward(h, w, hr, wr, rg, opts, block_v=bv)
+            return xla.chunked_backward(h, w, hr, wr, rg, opts, block_v=bv, bwd_rows=_bwd_rows(bwd_rows, h, w))
 
     elif impl == "pallas_gpu":
         kw = dict(block_n=block_n, block_v=block_v, block_d=block_d, interpret=interpret)
@@ -132,7 +148,7 @@ def _make_fused(impl: str, opts: HeadOpts, block_n, block_v, block_d, interpret:
             return pallas_gpu.forward(h, w, hr, wr, t, rh, opts, **kw)
 
         def bwd_grads(h, w, hr, wr, rg):
-            return pallas_gpu.backward(h, w, hr, wr, rg, opts, **kw)
+            return pallas_gpu.backward(h, w, hr, wr, rg, opts, bwd_rows=_bwd_rows(bwd_rows, h, w), **kw)
 
     elif impl == "pallas_tpu":
         kw = dict(block_n=block_n, block_v=block_v, interpret=interpret)
@@ -185,6 +201,7 @@ def fused_lm_head(
     block_n: Optional[int] = None,
     block_v: Optional[int] = None,
     block_d: Optional[int] = None,
+    bwd_rows: Optional[int | str] = None,
     impl: str = "auto",
     interpret: Optional[bool] = None,
 ) -> LMHeadStats:
@@ -212,13 +229,15 @@ def fused_lm_head(
         raise ValueError("temperature must be > 0")
     if logit_softcap is not None and not logit_softcap > 0:
         raise ValueError("logit_softcap must be > 0 or None")
+    if not (bwd_rows is None or bwd_rows == "auto" or (isinstance(bwd_rows, int) and bwd_rows > 0)):
+        raise ValueError(f"bwd_rows must be a positive int, 'auto' or None, got {bwd_rows!r}")
 
     impl, opts, interpret = _static_options(impl, interpret, logit_softcap, temperature,
                                             ref_weight is not None, kl_direction,
                                             sample_rng is not None)
     targets, valid = _valid_targets(targets, vocab, where)
     row_hash = gumbel.noise_row_hash(sample_rng, n) if opts.with_sample else None
-    return compute(impl, opts, (block_n, block_v, block_d), interpret, hidden, weight,
+    return compute(impl, opts, (block_n, block_v, block_d, bwd_rows), interpret, hidden, weight,
                    ref_hidden, ref_weight, targets, valid, row_hash)
 
 

@@ -79,6 +79,8 @@ BWD_BLOCKS = (128, 256, 64)
 # measured backward one (xla_naive: 56.4 ms, xla_chunked 55.8 ms).
 EXTRA_FWD_BLOCKS = (128, 128, 64)
 EXTRA_BWD_BLOCKS = (64, 128, 64)
+# Backward tiles when a row group is too small to give (128, 256) tiles two waves.
+SMALL_BWD_BLOCKS = (64, 128, 64)
 
 
 def _defaults(opts: HeadOpts, plain, extra):
@@ -310,29 +312,36 @@ def _dlogits_kernel(*refs, n_rows, vocab, chunk, bn, bv, bk, shares_x, rg_presen
 
 def backward(
     h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *,
-    block_n=None, block_v=None, block_d=None, chunk_v=None, interpret=False, num_warps=None, num_stages=3,
+    block_n=None, block_v=None, block_d=None, chunk_v=None, bwd_rows=None, interpret=False, num_warps=None,
+    num_stages=3,
 ):
-    """``(d_hidden, d_weight)``: Pallas-fused ``dlogits`` per vocab chunk + XLA GEMMs."""
+    """``(d_hidden, d_weight)``: Pallas-fused ``dlogits`` per vocab chunk + XLA GEMMs.
+
+    ``bwd_rows``: rows per backward group (see :func:`xla.chunked_backward`).
+    """
     n, d = h.shape
     vocab = w.shape[1]
-    bn, bv, bk, num_stages = _tiles(h, w, hr, opts, (BWD_BLOCKS, EXTRA_BWD_BLOCKS), block_n, block_v,
-                                    block_d, num_stages)
-    nb = pl.cdiv(n, bn)
-    n_pad = nb * bn
-    if chunk_v is None:
+    rows = n if bwd_rows is None else max(1, min(int(bwd_rows), n))
+    if chunk_v is None:  # chosen for all N rows: a row group's [rows, chunk] dlogits stay as small
         chunk_v = xla.default_block_v(n, vocab)
+    defaults = BWD_BLOCKS
+    if block_n is None and block_v is None and pl.cdiv(rows, BWD_BLOCKS[0]) * pl.cdiv(
+            min(chunk_v, vocab), BWD_BLOCKS[1]) < _TARGET_PROGRAMS:
+        defaults = SMALL_BWD_BLOCKS  # small row groups: more, smaller tiles keep the SMs busy
+    bn, bv, bk, num_stages = _tiles(h, w, hr, opts, (defaults, EXTRA_BWD_BLOCKS), block_n, block_v,
+                                    block_d, num_stages)
+    nb = pl.cdiv(rows, bn)
+    n_pad = nb * bn
     chunk = min(vocab, max(bv, (chunk_v // bv) * bv))
     shares_x = hr is None
     cdt = jnp.result_type(h.dtype, w.dtype)
-
-    present = [f for f in _RG_FIELDS if getattr(rg, f) is not None]
-    rg_args = [_pad_rows(getattr(rg, f)[:, 0], n_pad, -1 if f in ("targets", "sidx") else 0) for f in present]
+    present = tuple(f for f in _RG_FIELDS if getattr(rg, f) is not None)
     kernel = functools.partial(
-        _dlogits_kernel, n_rows=n, vocab=vocab, chunk=chunk, bn=bn, bv=bv, bk=bk, shares_x=shares_x,
-        rg_present=tuple(present), opts=opts,
+        _dlogits_kernel, n_rows=rows, vocab=vocab, chunk=chunk, bn=bn, bv=bv, bk=bk, shares_x=shares_x,
+        rg_present=present, opts=opts,
     )
 
-    def dlogits(h_, w_c, hr_, wr_c, start, lo):
+    def dlogits(h_, w_c, hr_, wr_c, rg_, start, lo):
         args = [h_, w_c]
         in_specs = [pl.BlockSpec((bn, d), lambda i, j: (i, 0)), pl.no_block_spec]
         if opts.with_kl:
@@ -343,17 +352,17 @@ def backward(
             in_specs.append(pl.no_block_spec)
         args.append(jnp.stack([start, lo]).astype(jnp.int32))
         in_specs.append(pl.no_block_spec)
-        args += rg_args
-        in_specs += [pl.BlockSpec((bn,), lambda i, j: (i,)) for _ in rg_args]
+        args += [_pad_rows(getattr(rg_, f)[:, 0], n_pad, -1 if f in ("targets", "sidx") else 0) for f in present]
+        in_specs += [pl.BlockSpec((bn,), lambda i, j: (i,)) for _ in present]
         return pl.pallas_call(
             kernel,
             grid=(nb, pl.cdiv(chunk, bv)),
             in_specs=in_specs,
             out_specs=pl.no_block_spec,
-            out_shape=jax.ShapeDtypeStruct((n, chunk), cdt),
+            out_shape=jax.ShapeDtypeStruct((rows, chunk), cdt),
             compiler_params=plgpu.CompilerParams(num_warps=_warps(num_warps, bn, bv), num_stages=num_stages),
             interpret=interpret,
             name="lm_head_dlogits",
         )(*args)
 
-    return xla.chunked_backward(h, w, hr, wr, rg, opts, block_v=chunk, dlogits_fn=dlogits)
+    return xla.chunked_backward(h, w, hr, wr, rg, opts, block_v=chunk, bwd_rows=rows, dlogits_fn=dlogits)

@@ -59,7 +59,7 @@ def sharded_lm_head(hidden, weight, targets, *, mesh: Mesh,
                     where=None, logit_softcap: Optional[float] = None, ref_weight=None,
                     ref_hidden=None, kl_direction: str = "policy_ref", sample_rng=None,
                     temperature: float = 1.0, block_n=None, block_v=None, block_d=None,
-                    impl: str = "auto", interpret=None) -> LMHeadStats:
+                    bwd_rows=None, impl: str = "auto", interpret=None) -> LMHeadStats:
     """:func:`curriculax.kernels.fused_lm_head` with rows and vocab split over ``mesh``."""
     n, vocab = hidden.shape[0], weight.shape[1]
     if targets.shape != (n,):
@@ -73,7 +73,7 @@ def sharded_lm_head(hidden, weight, targets, *, mesh: Mesh,
         cols = ()  # these statistics need every column of a row on one device
     targets, valid = lm_head._valid_targets(targets, vocab, where)
     row_hash = gumbel.noise_row_hash(sample_rng, n) if opts.with_sample else None
-    blocks = (block_n, block_v, block_d)
+    blocks = (block_n, block_v, block_d, bwd_rows)
     rspec, cspec = _spec(rows), _spec(cols)
     row_in, w_in = P(rspec, None), P(None, cspec)
     vec = P(rspec)

@@ -391,15 +391,63 @@ def chunked_forward(h, w, hr, wr, targets, row_hash, opts: HeadOpts, *, block_v:
     return state
 
 
-def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int, dlogits_fn=None):
+def default_bwd_rows(num_rows: int, hidden: int, vocab: int, itemsize: int) -> int:
+    """Rows per backward group for ``bwd_rows="auto"``: all of them unless the
+    float32 ``d_hidden`` accumulator (``4 N d`` bytes) would exceed 2% of the
+    gradients' own storage ``itemsize (N + V) d``; then the largest power of two
+    (>= 256) that fits.  Float32 inputs never split (no rounding to save)."""
+    budget = 0.02 * itemsize * (num_rows + vocab) * hidden
+    if itemsize >= 4 or 4 * num_rows * hidden <= budget:
+        return num_rows
+    rows = max(256, int(budget // (4 * hidden)))
+    return min(num_rows, 1 << (rows.bit_length() - 1))
+
+
+def _zero_rows(rg: RowGrad, keep) -> RowGrad:
+    """Zero the coefficients of rows where ``keep`` [R, 1] is False: ``dlogits`` = 0 there."""
+    z = lambda x: None if x is None else jnp.where(keep, x, 0.0)  # noqa: E731
+    return rg._replace(c0=z(rg.c0), g_h=z(rg.g_h), g_tl=z(rg.g_tl), g_kl=z(rg.g_kl), g_sl=z(rg.g_sl))
+
+
+def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int, bwd_rows=None, dlogits_fn=None):
     """``(d_hidden, d_weight)`` by recomputing logits chunk by chunk.
 
-    Per chunk: ``dr_c = dlogits(h, W_c)`` (``[N, vc]``), ``d_h += dr_c @ W_c^T``
-    (float32 carry) and ``d_W[:, chunk] = h^T @ dr_c`` written in place in the
-    weight dtype (each column is written once; overlapped columns get an exact
-    ``+0``).  ``dlogits_fn(h, w_c, hr, wr_c, start, valid_lo)`` may replace the
-    XLA recompute (the Pallas GPU backend fuses it into one kernel).
+    Per vocab chunk ``c``: ``dr_c = dlogits(h, W_c)`` (``[R, vc]``),
+    ``d_h += dr_c @ W_c^T`` (float32 carry ``[R, d]``) and
+    ``d_W[:, c] += h^T @ dr_c`` in place, in the weight dtype (the GEMM
+    accumulates in float32 and rounds once).  ``dlogits_fn(h, w_c, hr, wr_c,
+    rg, start, valid_lo)`` may replace the XLA recompute (the Pallas GPU
+    backend fuses it into one kernel).
+
+    ``bwd_rows``: rows ``R`` per group (None: all ``N``).  Groups are walked in a
+    ``fori_loop``; the float32 ``d_h`` accumulator shrinks to ``[R, d]`` at the
+    price of one more low-precision rounding of ``d_W`` per group (exact for
+    float32 weights).  Rows are never padded: the last group is shifted up to
+    end at ``N`` and its already-done rows get zero coefficients, like the
+    vocabulary chunks below.
     """
+    n = h.shape[0]
+    rows = n if bwd_rows is None else max(1, min(int(bwd_rows), n))
+    if rows == n:
+        dh, dw = _vocab_backward(h, w, hr, wr, rg, opts, block_v, jnp.zeros_like(w), dlogits_fn)
+        return dh.astype(h.dtype), dw
+
+    def group(gi, carry):
+        dh, dw = carry
+        lo = gi * rows
+        r0 = jnp.minimum(lo, n - rows)
+        keep = (r0 + jnp.arange(rows))[:, None] >= lo
+        take = lambda x: None if x is None else lax.dynamic_slice_in_dim(x, r0, rows, axis=0)  # noqa: E731
+        rg_g = _zero_rows(RowGrad(*(take(x) for x in rg)), keep)
+        dh_g, dw = _vocab_backward(take(h), w, take(hr), wr, rg_g, opts, block_v, dw, dlogits_fn)
+        dh_g = jnp.where(keep, dh_g.astype(dh.dtype), take(dh))
+        return lax.dynamic_update_slice_in_dim(dh, dh_g, r0, axis=0), dw
+
+    return lax.fori_loop(0, -(-n // rows), group, (jnp.zeros_like(h), jnp.zeros_like(w)))
+
+
+def _vocab_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, block_v, dw, dlogits_fn):
+    """Scan over vocab chunks for one group of rows: (float32 d_h of the rows, updated d_W)."""
     n, d = h.shape
     vocab = w.shape[1]
     vc, num_chunks = _chunk_geometry(vocab, block_v)
@@ -414,14 +462,13 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
         else:
             w_c = lax.dynamic_slice_in_dim(w, start, vc, axis=1)
             wr_c = lax.dynamic_slice_in_dim(wr, start, vc, axis=1) if opts.with_kl else None
-            dr = dlogits_fn(h, w_c, hr, wr_c, start, i * vc)
+            dr = dlogits_fn(h, w_c, hr, wr_c, rg, start, i * vc)
         dr = dr.astype(cdt)
         dh = dh + lax.dot_general(dr, w_c, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        dw_c = lax.dot_general(h, dr, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        # in the weight dtype: a float32 [d, vc] product would be the largest temporary
+        dw_c = lax.dot_general(h, dr, (((0,), (0,)), ((), ())), preferred_element_type=dw.dtype)
         old = lax.dynamic_slice_in_dim(dw, start, vc, axis=1)
-        dw = lax.dynamic_update_slice_in_dim(dw, old + dw_c.astype(dw.dtype), start, axis=1)
-        return (dh, dw), None
+        return (dh, lax.dynamic_update_slice_in_dim(dw, old + dw_c, start, axis=1)), None
 
-    init = (jnp.zeros((n, d), jnp.float32), jnp.zeros_like(w))
-    (dh, dw), _ = lax.scan(body, init, jnp.arange(num_chunks, dtype=jnp.int32))
-    return dh.astype(h.dtype), dw
+    (dh, dw), _ = lax.scan(body, (jnp.zeros((n, d), jnp.float32), dw), jnp.arange(num_chunks, dtype=jnp.int32))
+    return dh, dw

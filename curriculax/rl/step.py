@@ -52,7 +52,8 @@ def reward_callback(records, tokenizer, reward_fn, group_size: int) -> HostRewar
 def head_options(config, mesh=None, rules=()) -> dict:
     """Keyword arguments of :func:`curriculax.objectives.lm_head_stats` for a trainer's step."""
     return dict(impl=config.objective.impl, mesh=mesh, rules=rules,
-                shard_map=config.objective.get("shard_map", "auto"))
+                shard_map=config.objective.get("shard_map", "auto"),
+                bwd_rows=config.objective.get("bwd_rows"))
 
 
 def policy_logprob(model, seq, temperature: float, head: dict):

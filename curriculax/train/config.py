@@ -76,6 +76,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Multi-device meshes: run the kernel under shard_map (rows over batch axes, vocab over
     # `tensor`): auto (Pallas impls only) | always | never (leave partitioning to XLA).
     c.objective.shard_map = "auto"
+    # Rows per backward group of the fused head: None (one group, d_W rounded once) | "auto" |
+    # int. Smaller groups shrink the float32 d_hidden accumulator (see kernels/lm_head.py).
+    c.objective.bwd_rows = None
 
     # Parameter selection (curriculax.sparsity): none | lift | hft | lt_sft | lora | loramoe |
     # prefix | locft | select.
