@@ -221,11 +221,13 @@ def test_bf16_matches_naive(impl, bf16_case):
             assert _relnorm(g, tr) <= 1.5 * _relnorm(r, tr) + 4e-3, (what, _relnorm(g, tr), _relnorm(r, tr))
 
 
+@pytest.mark.parametrize("rows", [15, 16])
 @pytest.mark.parametrize("impl", ["xla_chunked", "pallas_gpu"])
-def test_backward_row_groups_match_naive(impl, inp32, naive32):
-    """``bwd_rows``: 45 rows in groups of 16 (the last group shifted over done rows)."""
+def test_backward_row_groups_match_naive(impl, rows, inp32, naive32):
+    """``bwd_rows``: 45 rows in 3 groups of 15 (a scan over groups) or of 16 (the last group
+    shifted over rows already done)."""
     cfg = CONFIGS["all"]
-    _, grads = _run(impl, inp32, cfg, dict(BLOCKS[impl], bwd_rows=16))
+    _, grads = _run(impl, inp32, cfg, dict(BLOCKS[impl], bwd_rows=rows))
     _, ref_grads = naive32["all"]
     for name, (dh, dw) in grads.items():
         _close(dh, ref_grads[name][0], 1e-5, f"{impl}/bwd_rows/d_hidden[{name}]")
@@ -432,6 +434,21 @@ def test_lowering_has_no_NxV_buffer(impl, platform):
         assert ("__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") in text
     sizes = [int(np.prod([int(x) for x in m.rstrip("x").split("x")])) for m in re.findall(r"tensor<((?:\d+x)+)", text)]
     assert max(sizes) < _MN * _MV / 4, max(sizes)
+
+
+@pytest.mark.parametrize("impl,platform", [("pallas_gpu", "cuda"), ("pallas_tpu", "tpu")])
+def test_mixed_dtype_lowering(impl, platform):
+    """bf16 activations with a float32 head (and bf16 reference head), as a bf16-compute model with
+    float32 params feeds the kernel: Triton and Mosaic need one operand dtype per dot."""
+    def f(h, w, wr, t):
+        def loss(h_, w_):
+            s = fused_lm_head(h_, w_, t, impl=impl, interpret=False, ref_weight=wr, bwd_rows=64)
+            return (s.target_logprob + s.kl_to_ref).sum()
+        return jax.grad(loss, argnums=(0, 1))(h, w)
+
+    args = (jax.ShapeDtypeStruct((256, 64), jnp.bfloat16), jax.ShapeDtypeStruct((64, 1024), jnp.float32),
+            jax.ShapeDtypeStruct((64, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((256,), jnp.int32))
+    jax.jit(f).trace(*args).lower(lowering_platforms=(platform,))
 
 
 def test_gpu_tiles_fit_shared_memory_and_chunk_defaults():

@@ -138,8 +138,9 @@ def _logit_tiles(x_ref, w_ref, xr_ref, wr_ref, row_ok, c0, col_ok, *, bn, bv, bk
             ref.at[pl.ds(k * bk, bk), pl.ds(c0, bv)], mask=(kk < dx)[:, None] & col_ok[None, :], other=0.0
         )
 
-    def dot(a, b):
-        return jnp.dot(a, b, preferred_element_type=jnp.float32)
+    def dot(a, b):  # Triton's dot needs one operand dtype (bf16 activations x f32 params: f32)
+        c = jnp.result_type(a.dtype, b.dtype)
+        return jnp.dot(a.astype(c), b.astype(c), preferred_element_type=jnp.float32)
 
     zeros = jnp.zeros((bn, bv), jnp.float32)
     d = w_ref.shape[0]

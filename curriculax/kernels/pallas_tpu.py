@@ -71,13 +71,15 @@ def _pad_col(x, n_pad, fill):
 
 def _tiles(x_ref, w_ref, xr_ref, wr_ref, row_ok, col_ok, opts: HeadOpts):
     """Masked operand blocks and the ``(z, zr)`` logits tile."""
-    x = jnp.where(row_ok, x_ref[...], 0)
-    w = jnp.where(col_ok, w_ref[...], 0)
+    c = jnp.result_type(x_ref.dtype, w_ref.dtype)  # one operand dtype for the MXU dots
+    x = jnp.where(row_ok, x_ref[...], 0).astype(c)
+    w = jnp.where(col_ok, w_ref[...], 0).astype(c)
     z = xla.cap(jnp.dot(x, w, preferred_element_type=jnp.float32), opts.softcap)
     zr = None
     if opts.with_kl:
-        xr = x if xr_ref is None else jnp.where(row_ok, xr_ref[...], 0)
-        wr = jnp.where(col_ok, wr_ref[...], 0)
+        cr = jnp.result_type(x.dtype if xr_ref is None else xr_ref.dtype, wr_ref.dtype)
+        xr = (x if xr_ref is None else jnp.where(row_ok, xr_ref[...], 0)).astype(cr)
+        wr = jnp.where(col_ok, wr_ref[...], 0).astype(cr)
         zr = xla.cap(jnp.dot(xr, wr, preferred_element_type=jnp.float32), opts.softcap)
     return x, w, z, zr
 

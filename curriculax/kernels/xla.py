@@ -432,6 +432,17 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
         dh, dw = _vocab_backward(h, w, hr, wr, rg, opts, block_v, jnp.zeros_like(w), dlogits_fn)
         return dh.astype(h.dtype), dw
 
+    if n % rows == 0:  # groups tile N: each group's d_h is a scan output written in place
+
+        def tiled(dw, gi):
+            take = lambda x: None if x is None else lax.dynamic_slice_in_dim(x, gi * rows, rows, axis=0)  # noqa: E731
+            dh_g, dw = _vocab_backward(take(h), w, take(hr), wr, RowGrad(*(take(x) for x in rg)), opts, block_v,
+                                       dw, dlogits_fn)
+            return dw, dh_g.astype(h.dtype)
+
+        dw, dh = lax.scan(tiled, jnp.zeros_like(w), jnp.arange(n // rows))
+        return dh.reshape(h.shape), dw
+
     def group(gi, carry):
         dh, dw = carry
         lo = gi * rows
