@@ -65,8 +65,9 @@ def _parse_args(argv=None):
                     help="extra CE rows of each fused impl with fused_lm_head(bwd_rows=...) for these values")
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--sweep", action="store_true",
-                    help="GPU tuning: time pallas_gpu forward/backward block configs and xla_chunked chunk widths")
+    ap.add_argument("--sweep", nargs="?", const="all", default=None, choices=["all", "bwd"],
+                    help="GPU tuning: time pallas_gpu forward/backward block configs and xla_chunked chunk "
+                         "widths (bwd: the pallas backward configs only)")
     ap.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -286,7 +287,7 @@ def _gpu_check(jax, jnp):
     return lines
 
 
-def _sweep(jax, jnp, n, d, v, iters):
+def _sweep(jax, jnp, n, d, v, iters, which="all"):
     """Component timings (bf16, CE statistics only) for choosing the GPU defaults."""
     from curriculax.kernels import pallas_gpu, xla
 
@@ -311,22 +312,23 @@ def _sweep(jax, jnp, n, d, v, iters):
             rows.append({"component": label, "ms": f"failed: {type(e).__name__}: {str(e)[:120]}"})
         print(rows[-1], flush=True)
 
-    for bv in (1024, 2048, 4096):
+    for bv in (1024, 2048, 4096) if which == "all" else ():
         timed(f"fwd xla_chunked block_v={bv}",
               lambda h_, w_, bv=bv: xla.chunked_forward(h_, w_, None, None, t[:, None], None, opts, block_v=bv).s)
     fwd_cfgs = [(64, 128, 64, 4, 2), (64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
                 (128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 32, 8, 4),
                 (256, 128, 64, 8, 3)]
-    for bn, bv, bk, nw, ns in fwd_cfgs:
+    for bn, bv, bk, nw, ns in fwd_cfgs if which == "all" else ():
         timed(f"fwd pallas bn={bn} bv={bv} bd={bk} warps={nw} stages={ns}",
               lambda h_, w_, c=(bn, bv, bk, nw, ns): pallas_gpu.forward(
                   h_, w_, None, None, t, None, opts, block_n=c[0], block_v=c[1], block_d=c[2], num_warps=c[3],
                   num_stages=c[4]).s)
-    for bv in (512, 1024, 2048):
+    for bv in (512, 1024, 2048) if which == "all" else ():
         timed(f"bwd xla_chunked block_v={bv}",
               lambda h_, w_, bv=bv: xla.chunked_backward(h_, w_, None, None, rg, opts, block_v=bv))
     for bn, bv, bk, nw, ns, ch in [(64, 128, 64, 4, 2, 2048), (64, 128, 64, 4, 3, 2048), (128, 128, 64, 8, 3, 2048),
-                                   (128, 128, 64, 8, 3, 1024), (128, 128, 64, 8, 3, 512), (128, 256, 64, 8, 3, 2048)]:
+                                   (128, 128, 64, 8, 3, 1024), (128, 128, 64, 8, 3, 512), (128, 256, 64, 8, 3, 1024),
+                                   (128, 256, 64, 8, 3, 2048), (128, 256, 64, 8, 3, 4096)]:
         timed(f"bwd pallas bn={bn} bv={bv} bd={bk} warps={nw} stages={ns} chunk={ch}",
               lambda h_, w_, c=(bn, bv, bk, nw, ns, ch): pallas_gpu.backward(
                   h_, w_, None, None, rg, opts, block_n=c[0], block_v=c[1], block_d=c[2], num_warps=c[3],
@@ -404,7 +406,7 @@ def main(argv=None):
     if on_gpu and jax.default_backend() != "gpu":
         raise SystemExit(f"--device=gpu but JAX backend is {jax.default_backend()}")
     check_lines = _gpu_check(jax, jnp) if (on_gpu and args.check) else []
-    sweep_rows = _sweep(jax, jnp, *shapes[0], iters) if (on_gpu and args.sweep) else []
+    sweep_rows = _sweep(jax, jnp, *shapes[0], iters, args.sweep) if (on_gpu and args.sweep) else []
 
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     rows = []
