@@ -40,12 +40,14 @@ rounding.  Block sizes must be powers of two >= 16 (Triton ``tl.dot``); the
 pipelining depth / inner ``block_d`` are reduced automatically to fit shared
 memory (:func:`_fit_smem`).
 
-Measured on one H200 (jax 0.11.2, Triton 3.6; bf16, mean-CE objective,
-fwd+bwd): N=8192 d=2048 V=128256: 32.1 ms vs 41.5 ms xla_naive (0.78x),
-xla_chunked 33.6 ms; N=16384 d=1536 V=151936: 62.9 ms vs 76.9 ms (0.82x).
-Extra memory (temporaries + gradients) 1.21x / 1.29x the bf16 gradient size,
-dominated by the fp32 ``d_h`` accumulator (see above).  Compiled kernels match
-``xla_naive`` to ~1e-6 (fp32) with identical samples.
+Measured (jax 0.11.2, Triton 3.6; bf16, mean-CE objective, fwd+bwd;
+``experiments/results/fused_loss.md``): N=8192 d=2048 V=128256 on an H100:
+32.8 ms vs 44.0 ms xla_naive (0.75x), Apple's CCE 48.4 ms, Liger 34.4 ms;
+N=16384 d=1536 V=151936 on an H200: 62.9 ms vs 76.9 ms (0.82x).  Extra memory
+(temporaries + gradients) 1.21x / 1.29x the bf16 gradient size, dominated by
+the fp32 ``d_h`` accumulator (``bwd_rows`` trades it for time, see
+:func:`xla.chunked_backward`).  Compiled kernels match ``xla_naive`` to ~1e-6
+(fp32) with identical samples.
 """
 
 from __future__ import annotations
@@ -311,6 +313,14 @@ def _dlogits_kernel(*refs, n_rows, vocab, chunk, bn, bv, bk, shares_x, rg_presen
     )
 
 
+def default_chunk_v(num_rows: int, vocab: int) -> int:
+    """Backward vocab chunk: ``dlogits`` is stored in bf16, so ``N * chunk <= 2**25`` (64 MiB),
+    at most 2048.  Measured on an H100 (bf16, default tiles, backward only): N=16384, d=1536,
+    V=151936: chunk 1024 / 2048 / 4096 -> 52.2 / 45.9 / 43.9 ms (temp 143 / 172 / 248 MiB);
+    N=8192, d=2048, V=128256 on an H200: 2048 beat 1024 and 512."""
+    return xla.default_block_v(num_rows, vocab, max_elems=1 << 25, max_width=2048)
+
+
 def backward(
     h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *,
     block_n=None, block_v=None, block_d=None, chunk_v=None, bwd_rows=None, interpret=False, num_warps=None,
@@ -324,7 +334,7 @@ def backward(
     vocab = w.shape[1]
     rows = n if bwd_rows is None else max(1, min(int(bwd_rows), n))
     if chunk_v is None:  # chosen for all N rows: a row group's [rows, chunk] dlogits stay as small
-        chunk_v = xla.default_block_v(n, vocab)
+        chunk_v = default_chunk_v(n, vocab)
     defaults = BWD_BLOCKS
     if block_n is None and block_v is None and pl.cdiv(rows, BWD_BLOCKS[0]) * pl.cdiv(
             min(chunk_v, vocab), BWD_BLOCKS[1]) < _TARGET_PROGRAMS:

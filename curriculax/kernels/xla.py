@@ -329,16 +329,16 @@ def naive_stats(h, w, hr, wr, targets, valid, row_hash, opts: HeadOpts) -> dict:
 # ----------------------------------------------------------------------------
 
 
-def default_block_v(num_rows: int, vocab: int) -> int:
-    """Default vocab chunk width: a power of two, ``N * chunk <= 2**24`` (one
-    float32 ``[N, chunk]`` temporary <= 64 MiB), within [512, 8192], and at
+def default_block_v(num_rows: int, vocab: int, max_elems: int = 1 << 24, max_width: int = 8192) -> int:
+    """Default vocab chunk width: a power of two, ``N * chunk <= max_elems`` (one
+    float32 ``[N, chunk]`` temporary <= 64 MiB), within [512, max_width], and at
     least 4 chunks so that small-N problems also stay well under ``[N, V]``.
 
     On an H200 (N=8192, d=2048, V=128256, bf16) chunk 2048 was the fastest of
     512/1024/2048 for the backward (23.8 vs 26.4 / 32.5 ms): every chunk costs a
     few kernel launches, so narrower chunks trade time for memory.
     """
-    target = max(512, min(8192, (1 << 24) // max(num_rows, 1)))
+    target = max(512, min(max_width, max_elems // max(num_rows, 1)))
     width = 1 << (target.bit_length() - 1)  # power of two <= target
     quarter = -(-vocab // 4)
     width = min(width, max(128, 1 << (quarter.bit_length() - 1)))  # >= 4 chunks
