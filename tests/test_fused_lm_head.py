@@ -455,7 +455,7 @@ def test_gpu_tiles_fit_shared_memory_and_chunk_defaults():
     from curriculax.kernels import pallas_gpu
 
     for blocks in (pallas_gpu.FWD_BLOCKS, pallas_gpu.BWD_BLOCKS, pallas_gpu.EXTRA_FWD_BLOCKS,
-                   pallas_gpu.EXTRA_BWD_BLOCKS):
+                   pallas_gpu.EXTRA_BWD_BLOCKS, pallas_gpu.SMALL_BWD_BLOCKS):
         bn, bv, bk = blocks
         for itemsize in (2, 4):
             for n_w in (1, 2):
@@ -519,3 +519,23 @@ def test_scale_doc_snippet_runs():
     exec(compile(block, "docs/scale.md", "exec"), scope)  # noqa: S102
     assert np.isfinite(float(scope["value"]))
     assert scope["d_h"].shape == (512, 64) and scope["d_w"].shape == (64, 5000)
+
+
+def test_lm_head_stats_runs_the_head_in_the_activation_dtype():
+    """bf16 activations with a float32 head: the objectives' entry point computes in bf16 (as
+    ``Transformer.logits`` does) and hands back a float32 gradient for the float32 head."""
+    from curriculax.objectives import lm_head_stats
+
+    inp = _inputs(jnp.float32, seed=5, n=24, d=16, v=50)
+    h = inp["h"].reshape(2, 12, 16).astype(jnp.bfloat16)
+    t, mask = inp["t"].reshape(2, 12).clip(0, 49), jnp.ones((2, 12), bool)
+
+    def loss(w):
+        return lm_head_stats(h, w, t, mask, impl="xla_chunked").target_logprob.sum()
+
+    got, g = jax.value_and_grad(loss)(inp["w"])
+    want = fused_lm_head(h.reshape(24, 16), inp["w"].astype(jnp.bfloat16), t.reshape(24),
+                         impl="xla_chunked").target_logprob.sum()
+    assert g.dtype == jnp.float32 and float(got) == float(want)
+    full = fused_lm_head(h.reshape(24, 16), inp["w"], t.reshape(24), impl="xla_chunked").target_logprob.sum()
+    assert float(full) != float(got)  # the float32 head would differ: the cast is what matched

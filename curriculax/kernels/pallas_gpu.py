@@ -81,7 +81,7 @@ BWD_BLOCKS = (128, 256, 64)
 # measured backward one (xla_naive: 56.4 ms, xla_chunked 55.8 ms).
 EXTRA_FWD_BLOCKS = (128, 128, 64)
 EXTRA_BWD_BLOCKS = (64, 128, 64)
-# Backward tiles when a row group is too small to give (128, 256) tiles two waves.
+# Backward tiles when the rows (of a group) are too few to give (128, 256) tiles two waves.
 SMALL_BWD_BLOCKS = (64, 128, 64)
 
 
@@ -338,7 +338,7 @@ def backward(
     defaults = BWD_BLOCKS
     if block_n is None and block_v is None and pl.cdiv(rows, BWD_BLOCKS[0]) * pl.cdiv(
             min(chunk_v, vocab), BWD_BLOCKS[1]) < _TARGET_PROGRAMS:
-        defaults = SMALL_BWD_BLOCKS  # small row groups: more, smaller tiles keep the SMs busy
+        defaults = SMALL_BWD_BLOCKS  # few rows (per group): more, smaller tiles keep the SMs busy
     bn, bv, bk, num_stages = _tiles(h, w, hr, opts, (defaults, EXTRA_BWD_BLOCKS), block_n, block_v,
                                     block_d, num_stages)
     nb = pl.cdiv(rows, bn)

@@ -415,16 +415,16 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
     Per vocab chunk ``c``: ``dr_c = dlogits(h, W_c)`` (``[R, vc]``),
     ``d_h += dr_c @ W_c^T`` (float32 carry ``[R, d]``) and
     ``d_W[:, c] += h^T @ dr_c`` in place, in the weight dtype (the GEMM
-    accumulates in float32 and rounds once).  ``dlogits_fn(h, w_c, hr, wr_c,
+    accumulates in float32).  ``dlogits_fn(h, w_c, hr, wr_c,
     rg, start, valid_lo)`` may replace the XLA recompute (the Pallas GPU
     backend fuses it into one kernel).
 
-    ``bwd_rows``: rows ``R`` per group (None: all ``N``).  Groups are walked in a
-    ``fori_loop``; the float32 ``d_h`` accumulator shrinks to ``[R, d]`` at the
-    price of one more low-precision rounding of ``d_W`` per group (exact for
-    float32 weights).  Rows are never padded: the last group is shifted up to
-    end at ``N`` and its already-done rows get zero coefficients, like the
-    vocabulary chunks below.
+    ``bwd_rows``: rows ``R`` per group (None: all ``N``).  The float32 ``d_h``
+    accumulator shrinks to ``[R, d]``; each group adds its ``d_W`` product
+    rounded to the weight dtype (exact for float32 weights).  Groups are a
+    ``scan`` when ``R`` divides ``N``; otherwise a ``fori_loop`` whose last group
+    is shifted up to end at ``N``, its already-done rows getting zero
+    coefficients (rows are never padded, like the vocabulary chunks).
     """
     n = h.shape[0]
     rows = n if bwd_rows is None else max(1, min(int(bwd_rows), n))
@@ -432,13 +432,15 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
         dh, dw = _vocab_backward(h, w, hr, wr, rg, opts, block_v, jnp.zeros_like(w), dlogits_fn)
         return dh.astype(h.dtype), dw
 
-    if n % rows == 0:  # groups tile N: each group's d_h is a scan output written in place
+    def take(tree, r0):
+        return jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, r0, rows, axis=0), tree)
+
+    if n % rows == 0:
 
         def tiled(dw, gi):
-            take = lambda x: None if x is None else lax.dynamic_slice_in_dim(x, gi * rows, rows, axis=0)  # noqa: E731
-            dh_g, dw = _vocab_backward(take(h), w, take(hr), wr, RowGrad(*(take(x) for x in rg)), opts, block_v,
-                                       dw, dlogits_fn)
-            return dw, dh_g.astype(h.dtype)
+            hg, hrg, rg_g = take((h, hr, rg), gi * rows)
+            dh_g, dw = _vocab_backward(hg, w, hrg, wr, rg_g, opts, block_v, dw, dlogits_fn)
+            return dw, dh_g.astype(h.dtype)  # a scan output: written in place into d_h
 
         dw, dh = lax.scan(tiled, jnp.zeros_like(w), jnp.arange(n // rows))
         return dh.reshape(h.shape), dw
@@ -448,10 +450,9 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
         lo = gi * rows
         r0 = jnp.minimum(lo, n - rows)
         keep = (r0 + jnp.arange(rows))[:, None] >= lo
-        take = lambda x: None if x is None else lax.dynamic_slice_in_dim(x, r0, rows, axis=0)  # noqa: E731
-        rg_g = _zero_rows(RowGrad(*(take(x) for x in rg)), keep)
-        dh_g, dw = _vocab_backward(take(h), w, take(hr), wr, rg_g, opts, block_v, dw, dlogits_fn)
-        dh_g = jnp.where(keep, dh_g.astype(dh.dtype), take(dh))
+        hg, hrg, rg_g, old = take((h, hr, rg, dh), r0)
+        dh_g, dw = _vocab_backward(hg, w, hrg, wr, _zero_rows(rg_g, keep), opts, block_v, dw, dlogits_fn)
+        dh_g = jnp.where(keep, dh_g.astype(dh.dtype), old)
         return lax.dynamic_update_slice_in_dim(dh, dh_g, r0, axis=0), dw
 
     return lax.fori_loop(0, -(-n // rows), group, (jnp.zeros_like(h), jnp.zeros_like(w)))
