@@ -300,6 +300,7 @@ def _sweep(jax, jnp, n, d, v, iters, which="all"):
     stats = xla.finalize(xla.chunked_forward(h, w, None, None, t[:, None], None, opts, block_v=2048), opts)
     rg = xla.row_grad(stats, {"target_logprob": jnp.full((n,), -1.0 / n)}, t, None, valid, opts)
     rows = []
+    grad_bytes = (n * d + v * d) * 2
 
     def timed(label, fn):
         try:
@@ -307,7 +308,8 @@ def _sweep(jax, jnp, n, d, v, iters, which="all"):
             mem = compiled.memory_analysis()
             ms = _time(jax, compiled, (h, w), iters)
             rows.append({"component": label, "ms": ms,
-                         "temp MiB": mem.temp_size_in_bytes / 2**20 if mem is not None else "n/a"})
+                         "temp MiB": mem.temp_size_in_bytes / 2**20 if mem is not None else "n/a",
+                         "1 + temp / (Nd+Vd)": 1 + mem.temp_size_in_bytes / grad_bytes if mem is not None else "n/a"})
         except Exception as e:  # noqa: BLE001
             rows.append({"component": label, "ms": f"failed: {type(e).__name__}: {str(e)[:120]}"})
         print(rows[-1], flush=True)
@@ -333,6 +335,11 @@ def _sweep(jax, jnp, n, d, v, iters, which="all"):
               lambda h_, w_, c=(bn, bv, bk, nw, ns, ch): pallas_gpu.backward(
                   h_, w_, None, None, rg, opts, block_n=c[0], block_v=c[1], block_d=c[2], num_warps=c[3],
                   num_stages=c[4], chunk_v=c[5]))
+    # row groups with the XLA (cuBLAS) GEMM updates vs the in-place Pallas ones
+    for gemm, bwd_rows in [("xla", 1024), ("pallas", None), ("pallas", 1024), ("pallas", 2048)]:
+        timed(f"bwd pallas default tiles gemm={gemm} bwd_rows={bwd_rows}",
+              lambda h_, w_, g=gemm, r=bwd_rows: pallas_gpu.backward(h_, w_, None, None, rg, opts, gemm=g,
+                                                                     bwd_rows=r))
     return rows
 
 
@@ -488,7 +495,7 @@ def main(argv=None):
     lines += check_lines
     if sweep_rows:
         lines += ["", f"Component sweep ({'x'.join(map(str, shapes[0]))}, CE statistics only):", "",
-                  _table(sweep_rows, ["component", "ms", "temp MiB"])]
+                  _table(sweep_rows, ["component", "ms", "temp MiB", "1 + temp / (Nd+Vd)"])]
     lines += ["", _table(rows, cols), "", f"(total wall time {time.perf_counter() - wall0:.0f} s)"]
     text = "\n".join(lines) + "\n"
     print(text)

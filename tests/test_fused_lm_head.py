@@ -244,6 +244,49 @@ def test_backward_row_groups_bf16(bf16_case):
             assert _relnorm(g, tr) <= 1.5 * _relnorm(r, tr) + 4e-3, (name, _relnorm(g, tr), _relnorm(r, tr))
 
 
+def _backward_case(dtype):
+    inp = _inputs(dtype, seed=3)
+    opts = xla.HeadOpts(softcap=5.0, with_kl=True)
+    h, w, wr = inp["h"], inp["w"], inp["ref_w"]
+    valid = inp["where"] & (inp["t"] >= 0) & (inp["t"] < V)
+    t = jnp.where(valid, inp["t"], -1)
+    st = xla.finalize(xla.chunked_forward(h, w, None, wr, t[:, None], None, opts, block_v=64), opts)
+    cts = {k: inp["cts"][k] for k in ("target_logprob", "entropy", "kl_to_ref")}
+    return h, w, wr, xla.row_grad(st, cts, t, None, valid, opts), opts
+
+
+@pytest.mark.parametrize("rows", [None, 15, 16])
+def test_inplace_gemm_update_matches_xla(rows):
+    """``pallas_gpu.pallas_update`` (interpret): the in-place GEMM kernels, with tiles smaller than
+    every dimension, give the XLA GEMM updates' gradients, with and without row groups."""
+    from curriculax.kernels import pallas_gpu
+
+    h, w, wr, rg, opts = _backward_case(jnp.float32)
+    want = xla.chunked_backward(h, w, None, wr, rg, opts, block_v=64, bwd_rows=rows)
+    small = pallas_gpu.pallas_update(interpret=True, blocks=(16, 16, 16))
+    got = xla.chunked_backward(h, w, None, wr, rg, opts, block_v=64, bwd_rows=rows, update_fn=small)
+    full = pallas_gpu.backward(h, w, None, wr, rg, opts, block_n=16, block_v=32, block_d=16, chunk_v=64,
+                               bwd_rows=rows, gemm="pallas", interpret=True)
+    for g, f, r in zip(got, full, want):
+        _close(g, r, 1e-5, f"in-place update, rows={rows}")
+        _close(f, r, 1e-5, f"pallas_gpu gemm=pallas, rows={rows}")
+
+
+def test_inplace_gemm_update_bf16_and_lowering():
+    from curriculax.kernels import pallas_gpu
+
+    h, w, wr, rg, opts = _backward_case(jnp.bfloat16)
+    want = xla.chunked_backward(h, w, None, wr, rg, opts, block_v=64, bwd_rows=16)
+    got = pallas_gpu.backward(h, w, None, wr, rg, opts, block_n=16, block_v=32, block_d=16, chunk_v=64,
+                              bwd_rows=16, gemm="pallas", interpret=True)
+    for g, r in zip(got, want):
+        assert g.dtype == jnp.bfloat16 and _relnorm(g, r) <= 1e-2, _relnorm(g, r)
+    fn = jax.jit(lambda h_, w_, wr_, rg_: pallas_gpu.backward(h_, w_, None, wr_, rg_, opts, bwd_rows=16,
+                                                              gemm="pallas"))
+    text = fn.trace(h, w, wr, rg).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") >= 3  # dlogits + the two update kernels
+
+
 # ----------------------------------------------------------------------------
 # Pallas (interpret) == xla_chunked
 # ----------------------------------------------------------------------------

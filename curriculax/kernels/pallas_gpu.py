@@ -32,7 +32,11 @@ multiplies the logit recomputation by ``d / bd``.  CCE / tokamax resolve it with
 atomic adds into ``d_h``/``d_W`` (bf16 lock-adds or an fp32 copy of ``d_W``);
 here the two big GEMMs go to cuBLAS and Pallas does the part XLA cannot fuse
 (matmul + softmax-gradient epilogue).  Extra memory: ``[N, vc]`` for ``dr_c``
-plus the fp32 ``d_h`` accumulator.
+plus the fp32 ``d_h`` accumulator.  ``bwd_rows`` walks the rows in groups so
+the accumulator is ``[rows, d]``; ``gemm="pallas"`` replaces the two cuBLAS
+GEMMs by in-place Pallas GEMMs (:func:`pallas_update`), which leave no
+``[d, vc]`` product behind (written for the 1.05x memory target; not yet timed
+on a GPU: ``bench_fused_loss.py --sweep bwd`` measures it).
 
 All per-tile math is shared with ``xla_chunked`` (``curriculax.kernels.xla``),
 so under ``interpret=True`` this backend reproduces ``xla_chunked`` to
@@ -301,8 +305,9 @@ def _dlogits_kernel(*refs, n_rows, vocab, chunk, bn, bv, bk, shares_x, rg_presen
     local = j * bv + jnp.arange(bv, dtype=jnp.int32)
     in_chunk = local < chunk
     cols = start + local
-    z, zr = _logit_tiles(
-        x_ref, w_ref, xr_ref, wr_ref, row_ok, j * bv, in_chunk, bn=bn, bv=bv, bk=bk, shares_x=shares_x, opts=opts
+    z, zr = _logit_tiles(  # W is read in place at the chunk's columns (no [d, chunk] copy)
+        x_ref, w_ref, xr_ref, wr_ref, row_ok, start + j * bv, in_chunk, bn=bn, bv=bv, bk=bk, shares_x=shares_x,
+        opts=opts,
     )
     valid = (in_chunk & (cols >= lo) & (cols < vocab))[None, :]
     dr = xla.tile_dlogits(z, zr, valid, cols[None, :], rg, opts)
@@ -311,6 +316,84 @@ def _dlogits_kernel(*refs, n_rows, vocab, chunk, bn, bv, bk, shares_x, rg_presen
         dr.astype(o_ref.dtype),
         mask=row_ok[:, None] & in_chunk[None, :],
     )
+
+
+def _tile_dot(a, b, dims):
+    c = jnp.result_type(a.dtype, b.dtype)
+    return lax.dot_general(a.astype(c), b.astype(c), (dims, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dh_update_kernel(dr_ref, w_ref, off_ref, _, acc_ref, *, rows, d, chunk, bm, bn, bk):
+    """``acc[R, d] += dr[R, chunk] @ W[:, start:start+chunk]^T`` on one ``[bm, bn]`` tile, in place."""
+    i, j = pl.program_id(0), pl.program_id(1)
+    r_ok = (i * bm + jnp.arange(bm)) < rows
+    c_ok = (j * bn + jnp.arange(bn)) < d
+    start = off_ref[0]
+
+    def body(k, acc):
+        k_ok = (k * bk + jnp.arange(bk)) < chunk
+        a = plgpu.load(dr_ref.at[pl.ds(i * bm, bm), pl.ds(k * bk, bk)], mask=r_ok[:, None] & k_ok[None, :], other=0)
+        b = plgpu.load(w_ref.at[pl.ds(j * bn, bn), pl.ds(start + k * bk, bk)], mask=c_ok[:, None] & k_ok[None, :],
+                       other=0)
+        return acc + _tile_dot(a, b, ((1,), (1,)))
+
+    tile = acc_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)]
+    mask = r_ok[:, None] & c_ok[None, :]
+    acc = lax.fori_loop(0, pl.cdiv(chunk, bk), body, plgpu.load(tile, mask=mask, other=0.0))
+    plgpu.store(tile, acc, mask=mask)
+
+
+def _dw_update_kernel(h_ref, dr_ref, off_ref, _, dw_ref, *, rows, d, chunk, bm, bn, bk):
+    """``dW[:, start:start+chunk] += h^T @ dr`` on one ``[bm, bn]`` tile, in place; float32 sum
+    over the group's rows, one rounding to the weight dtype."""
+    i, j = pl.program_id(0), pl.program_id(1)
+    d_ok = (i * bm + jnp.arange(bm)) < d
+    c_ok = (j * bn + jnp.arange(bn)) < chunk
+    start = off_ref[0]
+
+    def body(k, acc):
+        k_ok = (k * bk + jnp.arange(bk)) < rows
+        a = plgpu.load(h_ref.at[pl.ds(k * bk, bk), pl.ds(i * bm, bm)], mask=k_ok[:, None] & d_ok[None, :], other=0)
+        b = plgpu.load(dr_ref.at[pl.ds(k * bk, bk), pl.ds(j * bn, bn)], mask=k_ok[:, None] & c_ok[None, :],
+                       other=0)
+        return acc + _tile_dot(a, b, ((0,), (0,)))
+
+    tile = dw_ref.at[pl.ds(i * bm, bm), pl.ds(start + j * bn, bn)]
+    mask = d_ok[:, None] & c_ok[None, :]
+    acc = lax.fori_loop(0, pl.cdiv(rows, bk), body, plgpu.load(tile, mask=mask, other=0).astype(jnp.float32))
+    plgpu.store(tile, acc.astype(dw_ref.dtype), mask=mask)
+
+
+# (block_m, block_n, block_k) of the in-place update GEMMs; not tuned on a GPU yet.
+GEMM_BLOCKS = (64, 128, 32)
+
+
+def pallas_update(*, interpret=False, blocks=GEMM_BLOCKS, num_warps=4, num_stages=3):
+    """An ``update_fn`` for :func:`xla.chunked_backward` that does both GEMM updates in place
+    (``input_output_aliases``): no ``[d, chunk]`` product or weight-slice temporaries."""
+    bm, bn, bk = blocks
+    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+    def update(dh, dw, h, dr, w, start):
+        rows, chunk = dr.shape
+        d = h.shape[1]
+        off = jnp.stack([start]).astype(jnp.int32)
+        geo = dict(rows=rows, d=d, chunk=chunk, bm=bm, bn=bn, bk=bk)
+        dh = pl.pallas_call(
+            functools.partial(_dh_update_kernel, **geo), grid=(pl.cdiv(rows, bm), pl.cdiv(d, bn)),
+            in_specs=[pl.no_block_spec] * 4, out_specs=pl.no_block_spec,
+            out_shape=jax.ShapeDtypeStruct(dh.shape, dh.dtype), input_output_aliases={3: 0},
+            compiler_params=params, interpret=interpret, name="lm_head_dh_update",
+        )(dr, w, off, dh)
+        dw = pl.pallas_call(
+            functools.partial(_dw_update_kernel, **geo), grid=(pl.cdiv(d, bm), pl.cdiv(chunk, bn)),
+            in_specs=[pl.no_block_spec] * 4, out_specs=pl.no_block_spec,
+            out_shape=jax.ShapeDtypeStruct(dw.shape, dw.dtype), input_output_aliases={3: 0},
+            compiler_params=params, interpret=interpret, name="lm_head_dw_update",
+        )(h, dr, off, dw)
+        return dh, dw
+
+    return update
 
 
 def default_chunk_v(num_rows: int, vocab: int) -> int:
@@ -323,13 +406,17 @@ def default_chunk_v(num_rows: int, vocab: int) -> int:
 
 def backward(
     h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *,
-    block_n=None, block_v=None, block_d=None, chunk_v=None, bwd_rows=None, interpret=False, num_warps=None,
-    num_stages=3,
+    block_n=None, block_v=None, block_d=None, chunk_v=None, bwd_rows=None, gemm="xla", interpret=False,
+    num_warps=None, num_stages=3,
 ):
-    """``(d_hidden, d_weight)``: Pallas-fused ``dlogits`` per vocab chunk + XLA GEMMs.
+    """``(d_hidden, d_weight)``: Pallas-fused ``dlogits`` per vocab chunk + two GEMM updates.
 
     ``bwd_rows``: rows per backward group (see :func:`xla.chunked_backward`).
+    ``gemm``: ``"xla"`` (cuBLAS through XLA; measured) or ``"pallas"`` (:func:`pallas_update`:
+    in place, for the smallest footprint; correct in interpret mode, not yet timed on a GPU).
     """
+    if gemm not in ("xla", "pallas"):
+        raise ValueError(f"gemm must be 'xla' or 'pallas', got {gemm!r}")
     n, d = h.shape
     vocab = w.shape[1]
     rows = n if bwd_rows is None else max(1, min(int(bwd_rows), n))
@@ -352,14 +439,14 @@ def backward(
         rg_present=present, opts=opts,
     )
 
-    def dlogits(h_, w_c, hr_, wr_c, rg_, start, lo):
-        args = [h_, w_c]
+    def dlogits(h_, hr_, rg_, start, lo):
+        args = [h_, w]
         in_specs = [pl.BlockSpec((bn, d), lambda i, j: (i, 0)), pl.no_block_spec]
         if opts.with_kl:
             if not shares_x:
                 args.append(hr_)
                 in_specs.append(pl.BlockSpec((bn, hr_.shape[1]), lambda i, j: (i, 0)))
-            args.append(wr_c)
+            args.append(wr)
             in_specs.append(pl.no_block_spec)
         args.append(jnp.stack([start, lo]).astype(jnp.int32))
         in_specs.append(pl.no_block_spec)
@@ -376,4 +463,6 @@ def backward(
             name="lm_head_dlogits",
         )(*args)
 
-    return xla.chunked_backward(h, w, hr, wr, rg, opts, block_v=chunk, bwd_rows=rows, dlogits_fn=dlogits)
+    update = pallas_update(interpret=interpret) if gemm == "pallas" else None
+    return xla.chunked_backward(h, w, hr, wr, rg, opts, block_v=chunk, bwd_rows=rows, dlogits_fn=dlogits,
+                                update_fn=update)

@@ -409,15 +409,17 @@ def _zero_rows(rg: RowGrad, keep) -> RowGrad:
     return rg._replace(c0=z(rg.c0), g_h=z(rg.g_h), g_tl=z(rg.g_tl), g_kl=z(rg.g_kl), g_sl=z(rg.g_sl))
 
 
-def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int, bwd_rows=None, dlogits_fn=None):
+def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int, bwd_rows=None, dlogits_fn=None,
+                     update_fn=None):
     """``(d_hidden, d_weight)`` by recomputing logits chunk by chunk.
 
     Per vocab chunk ``c``: ``dr_c = dlogits(h, W_c)`` (``[R, vc]``),
     ``d_h += dr_c @ W_c^T`` (float32 carry ``[R, d]``) and
     ``d_W[:, c] += h^T @ dr_c`` in place, in the weight dtype (the GEMM
-    accumulates in float32).  ``dlogits_fn(h, w_c, hr, wr_c,
-    rg, start, valid_lo)`` may replace the XLA recompute (the Pallas GPU
-    backend fuses it into one kernel).
+    accumulates in float32).  ``dlogits_fn(h, hr, rg, start, valid_lo)`` may
+    replace the XLA recompute (the Pallas GPU backend fuses it into one kernel
+    that reads ``W`` in place), and ``update_fn(dh, dw, h, dr, w, start)`` the
+    two GEMM updates (default :func:`gemm_update`).
 
     ``bwd_rows``: rows ``R`` per group (None: all ``N``).  The float32 ``d_h``
     accumulator shrinks to ``[R, d]``; each group adds its ``d_W`` product
@@ -429,7 +431,7 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
     n = h.shape[0]
     rows = n if bwd_rows is None else max(1, min(int(bwd_rows), n))
     if rows == n:
-        dh, dw = _vocab_backward(h, w, hr, wr, rg, opts, block_v, jnp.zeros_like(w), dlogits_fn)
+        dh, dw = _vocab_backward(h, w, hr, wr, rg, opts, block_v, jnp.zeros_like(w), dlogits_fn, update_fn)
         return dh.astype(h.dtype), dw
 
     def take(tree, r0):
@@ -439,7 +441,7 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
 
         def tiled(dw, gi):
             hg, hrg, rg_g = take((h, hr, rg), gi * rows)
-            dh_g, dw = _vocab_backward(hg, w, hrg, wr, rg_g, opts, block_v, dw, dlogits_fn)
+            dh_g, dw = _vocab_backward(hg, w, hrg, wr, rg_g, opts, block_v, dw, dlogits_fn, update_fn)
             return dw, dh_g.astype(h.dtype)  # a scan output: written in place into d_h
 
         dw, dh = lax.scan(tiled, jnp.zeros_like(w), jnp.arange(n // rows))
@@ -451,36 +453,42 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
         r0 = jnp.minimum(lo, n - rows)
         keep = (r0 + jnp.arange(rows))[:, None] >= lo
         hg, hrg, rg_g, old = take((h, hr, rg, dh), r0)
-        dh_g, dw = _vocab_backward(hg, w, hrg, wr, _zero_rows(rg_g, keep), opts, block_v, dw, dlogits_fn)
+        dh_g, dw = _vocab_backward(hg, w, hrg, wr, _zero_rows(rg_g, keep), opts, block_v, dw, dlogits_fn,
+                                   update_fn)
         dh_g = jnp.where(keep, dh_g.astype(dh.dtype), old)
         return lax.dynamic_update_slice_in_dim(dh, dh_g, r0, axis=0), dw
 
     return lax.fori_loop(0, -(-n // rows), group, (jnp.zeros_like(h), jnp.zeros_like(w)))
 
 
-def _vocab_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, block_v, dw, dlogits_fn):
+def gemm_update(dh, dw, h, dr, w, start):
+    """``dh += dr @ W_c^T`` (float32) and ``dW[:, c] += h^T @ dr`` for the chunk at ``start``."""
+    vc = dr.shape[1]
+    w_c = lax.dynamic_slice_in_dim(w, start, vc, axis=1)
+    dh = dh + lax.dot_general(dr, w_c, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    # in the weight dtype: a float32 [d, vc] product would be the largest temporary
+    dw_c = lax.dot_general(h, dr, (((0,), (0,)), ((), ())), preferred_element_type=dw.dtype)
+    old = lax.dynamic_slice_in_dim(dw, start, vc, axis=1)
+    return dh, lax.dynamic_update_slice_in_dim(dw, old + dw_c, start, axis=1)
+
+
+def _vocab_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, block_v, dw, dlogits_fn, update_fn):
     """Scan over vocab chunks for one group of rows: (float32 d_h of the rows, updated d_W)."""
     n, d = h.shape
     vocab = w.shape[1]
     vc, num_chunks = _chunk_geometry(vocab, block_v)
     cdt = jnp.result_type(h.dtype, w.dtype)
+    update_fn = update_fn or gemm_update
 
     def body(carry, i):
         dh, dw = carry
         start, cols, valid = _chunk_cols(i, vc, vocab)
         if dlogits_fn is None:
-            w_c, z, zr = _chunk_logits(h, w, hr, wr, start, vc, opts)
+            _, z, zr = _chunk_logits(h, w, hr, wr, start, vc, opts)
             dr = tile_dlogits(z, zr, valid, cols, rg, opts)
         else:
-            w_c = lax.dynamic_slice_in_dim(w, start, vc, axis=1)
-            wr_c = lax.dynamic_slice_in_dim(wr, start, vc, axis=1) if opts.with_kl else None
-            dr = dlogits_fn(h, w_c, hr, wr_c, rg, start, i * vc)
-        dr = dr.astype(cdt)
-        dh = dh + lax.dot_general(dr, w_c, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        # in the weight dtype: a float32 [d, vc] product would be the largest temporary
-        dw_c = lax.dot_general(h, dr, (((0,), (0,)), ((), ())), preferred_element_type=dw.dtype)
-        old = lax.dynamic_slice_in_dim(dw, start, vc, axis=1)
-        return (dh, lax.dynamic_update_slice_in_dim(dw, old + dw_c, start, axis=1)), None
+            dr = dlogits_fn(h, hr, rg, start, i * vc)
+        return update_fn(dh, dw, h, dr.astype(cdt), w, start), None
 
     (dh, dw), _ = lax.scan(body, (jnp.zeros((n, d), jnp.float32), dw), jnp.arange(num_chunks, dtype=jnp.int32))
     return dh, dw
