@@ -19,6 +19,7 @@ Tolerances
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -255,13 +256,16 @@ def _backward_case(dtype):
     return h, w, wr, xla.row_grad(st, cts, t, None, valid, opts), opts
 
 
+@pytest.mark.parametrize("vd", [False, True])
 @pytest.mark.parametrize("rows", [None, 15, 16])
-def test_inplace_gemm_update_matches_xla(rows):
+def test_inplace_gemm_update_matches_xla(rows, vd):
     """``pallas_gpu.pallas_update`` (interpret): the in-place GEMM kernels, with tiles smaller than
     every dimension, give the XLA GEMM updates' gradients, with and without row groups."""
     from curriculax.kernels import pallas_gpu
 
     h, w, wr, rg, opts = _backward_case(jnp.float32)
+    if vd:
+        w, wr, opts = w.T, wr.T, dataclasses.replace(opts, w_vd=True)
     want = xla.chunked_backward(h, w, None, wr, rg, opts, block_v=64, bwd_rows=rows)
     small = pallas_gpu.pallas_update(interpret=True, blocks=(16, 16, 16))
     got = xla.chunked_backward(h, w, None, wr, rg, opts, block_v=64, bwd_rows=rows, update_fn=small)
@@ -285,6 +289,26 @@ def test_inplace_gemm_update_bf16_and_lowering():
                                                               gemm="pallas"))
     text = fn.trace(h, w, wr, rg).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") >= 3  # dlogits + the two update kernels
+
+
+@pytest.mark.parametrize("impl,extra", [
+    ("xla_naive", {}), ("xla_chunked", {}), ("xla_chunked", dict(bwd_rows=16)), ("pallas_gpu", {}),
+    ("pallas_gpu", dict(bwd_rows=15)), ("pallas_tpu", {}),
+])
+def test_vd_layout_matches_dv(impl, extra, inp32, naive32):
+    """``weight_layout="vd"``: the head (and reference head) stored ``[V, d]``, as a tied
+    embedding is, gives the ``[d, V]`` results, with ``d_weight`` in the ``[V, d]`` layout."""
+    cfg = CONFIGS["all"]
+    inp = dict(inp32, w=inp32["w"].T, ref_w=inp32["ref_w"].T)
+    out, grads = _run(impl, inp, cfg, dict(BLOCKS.get(impl, {}), weight_layout="vd", **extra))
+    ref_out, ref_grads = naive32["all"]
+    for name in FLOAT_STATS:
+        _close(getattr(out, name), getattr(ref_out, name), 1e-5, f"{impl}/vd/{name}")
+    np.testing.assert_array_equal(out.sampled_token, ref_out.sampled_token)
+    for name, (dh, dw) in grads.items():
+        assert dw.shape == (V, D)
+        _close(dh, ref_grads[name][0], 1e-5, f"{impl}/vd/d_hidden[{name}]")
+        _close(dw.T, ref_grads[name][1], 1e-5, f"{impl}/vd/d_weight[{name}]")
 
 
 # ----------------------------------------------------------------------------
@@ -564,21 +588,19 @@ def test_scale_doc_snippet_runs():
     assert scope["d_h"].shape == (512, 64) and scope["d_w"].shape == (64, 5000)
 
 
-def test_lm_head_stats_runs_the_head_in_the_activation_dtype():
-    """bf16 activations with a float32 head: the objectives' entry point computes in bf16 (as
-    ``Transformer.logits`` does) and hands back a float32 gradient for the float32 head."""
-    from curriculax.objectives import lm_head_stats
-
+@pytest.mark.parametrize("impl", ["xla_naive", "xla_chunked", "pallas_gpu"])
+def test_head_runs_in_the_activation_dtype(impl):
+    """bf16 activations with a float32 head (bf16 compute, float32 params): the matmuls run in
+    bf16, as ``Transformer.logits`` does, without a bf16 copy of the head; the head's gradient
+    comes back in float32."""
     inp = _inputs(jnp.float32, seed=5, n=24, d=16, v=50)
-    h = inp["h"].reshape(2, 12, 16).astype(jnp.bfloat16)
-    t, mask = inp["t"].reshape(2, 12).clip(0, 49), jnp.ones((2, 12), bool)
+    h, w, t = inp["h"].astype(jnp.bfloat16), inp["w"], jnp.clip(inp["t"], 0, 49)
+    kw = dict(impl=impl, interpret=True, **BLOCKS.get(impl, {}))
 
-    def loss(w):
-        return lm_head_stats(h, w, t, mask, impl="xla_chunked").target_logprob.sum()
+    def loss(w_):
+        return fused_lm_head(h, w_, t, **kw).target_logprob.sum()
 
-    got, g = jax.value_and_grad(loss)(inp["w"])
-    want = fused_lm_head(h.reshape(24, 16), inp["w"].astype(jnp.bfloat16), t.reshape(24),
-                         impl="xla_chunked").target_logprob.sum()
-    assert g.dtype == jnp.float32 and float(got) == float(want)
-    full = fused_lm_head(h.reshape(24, 16), inp["w"], t.reshape(24), impl="xla_chunked").target_logprob.sum()
-    assert float(full) != float(got)  # the float32 head would differ: the cast is what matched
+    got, g = jax.value_and_grad(loss)(w)
+    want, g16 = jax.value_and_grad(loss)(w.astype(jnp.bfloat16))
+    assert g.dtype == jnp.float32 and float(got) == pytest.approx(float(want), rel=1e-6)
+    _close(g, g16, 1e-2, f"{impl}: float32-head gradient vs bf16-head gradient")

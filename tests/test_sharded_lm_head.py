@@ -33,13 +33,20 @@ def _loss(fn, h, w, t, where, **kw):
 
 def _check(mesh_shape, impl, **kw):
     h, w, t, where, hr = _inputs()
+    vd = kw.pop("vd", False)
     if kw.pop("with_ref", False):
         kw.update(ref_weight=w[::-1] * 0.7, ref_hidden=hr)
     mesh = make_mesh(*mesh_shape)
     grad = lambda fn, **k: jax.value_and_grad(  # noqa: E731
         lambda h, w: _loss(fn, h, w, t, where, **kw, **k), (0, 1), has_aux=True)
     (_, s0), g0 = grad(fused_lm_head, impl="xla_naive")(h, w)
-    (_, s1), g1 = jax.jit(grad(sharded_lm_head, mesh=mesh, impl=impl))(h, w)
+    if vd:  # the sharded call gets the head stored [V, d]
+        sharded = lambda h_, w_, t_, **k: sharded_lm_head(  # noqa: E731
+            h_, w_.T, t_, weight_layout="vd",
+            **{**k, **({"ref_weight": k["ref_weight"].T} if "ref_weight" in k else {})})
+    else:
+        sharded = sharded_lm_head
+    (_, s1), g1 = jax.jit(grad(sharded, mesh=mesh, impl=impl))(h, w)
     for f in FIELDS + ("kl_to_ref", "sampled_logprob"):
         if getattr(s0, f) is not None:
             np.testing.assert_allclose(getattr(s1, f), getattr(s0, f), rtol=1e-5, atol=1e-5)
@@ -78,3 +85,8 @@ def test_train_step_with_pallas_under_shard_map_matches_one_device():
     assert exp.mesh.shape["tensor"] == 4
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
+
+
+def test_vocab_parallel_with_a_vd_head():
+    """A ``[V, d]`` head (a tied embedding) splits its rows over ``tensor``."""
+    _check((2, 1, 4), "pallas_gpu", vd=True)

@@ -53,7 +53,8 @@ def category_embeddings(model, bank, *, max_per_category: int = 64, batch_size: 
         hidden = model(tok)
         w = span_mask.astype(jnp.float32)
         emb = jnp.sum(hidden * w[..., None], 1) / jnp.maximum(w.sum(1, keepdims=True), 1.0)
-        stats = objectives.lm_head_stats(hidden, model.lm_head_weight(), tgt, mask)
+        weight, layout = model.head_weight()
+        stats = objectives.lm_head_stats(hidden, weight, tgt, mask, weight_layout=layout)
         m = mask.astype(jnp.float32)
         loss = jnp.sum(-stats.target_logprob * m, 1) / jnp.maximum(m.sum(1), 1.0)
         return emb, loss

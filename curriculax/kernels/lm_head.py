@@ -5,7 +5,7 @@ Public API
 ``fused_lm_head(hidden [N,d], weight [d,V], targets [N], *, where=None,
 logit_softcap=None, ref_weight=None, ref_hidden=None, kl_direction="policy_ref",
 sample_rng=None, temperature=1.0, block_n=None, block_v=None, block_d=None,
-bwd_rows=None, impl="auto", interpret=None) -> LMHeadStats``
+bwd_rows=None, weight_layout="dv", impl="auto", interpret=None) -> LMHeadStats``
 
 Statistics (float32 ``[N]``; see :mod:`curriculax.kernels.xla` for formulas):
 
@@ -32,6 +32,13 @@ Masking: a row is *valid* iff ``where[n]`` (default True) and
 ``0 <= targets[n] < V``.  Invalid rows (prompt/pad, ``targets=-100``/``-1``)
 return 0 for every statistic (``sampled_token`` 0 too) and get exactly zero
 gradient; out-of-range targets are treated as masked rather than clamped.
+
+Head layout and dtype: ``weight`` is ``[d, V]`` (``weight_layout="dv"``) or
+``[V, d]`` (``"vd"``: e.g. a tied input embedding, read in place with no
+transposed copy); ``ref_weight`` uses the same layout.  The matmuls run in
+``hidden``'s dtype with float32 accumulation (a float32 head under bf16
+activations is cast tile by tile inside the kernels); gradients come back in
+the inputs' own dtypes.
 
 Gradients: ``xla_naive`` differentiates the materialized computation with
 plain autodiff (the reference).  Every other impl is a ``jax.custom_vjp``
@@ -72,6 +79,7 @@ Temperature, softcap and block sizes are static (a change recompiles).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -122,9 +130,10 @@ def _mask_stats(stats: dict, valid: jax.Array) -> dict:
     return out
 
 
-def _bwd_rows(bwd_rows, h, w):
+def _bwd_rows(bwd_rows, h, w, opts):
     if bwd_rows == "auto":
-        return xla.default_bwd_rows(h.shape[0], h.shape[1], w.shape[1], jnp.dtype(w.dtype).itemsize)
+        return xla.default_bwd_rows(h.shape[0], h.shape[1], w.shape[xla.vocab_axis(opts)],
+                                    jnp.dtype(w.dtype).itemsize)
     return bwd_rows
 
 
@@ -134,12 +143,12 @@ def _make_fused(impl: str, opts: HeadOpts, block_n, block_v, block_d, bwd_rows, 
     if impl == "xla_chunked":
 
         def fwd_state(h, w, hr, wr, t, rh):
-            bv = block_v or xla.default_block_v(h.shape[0], w.shape[1])
+            bv = block_v or xla.default_block_v(h.shape[0], w.shape[xla.vocab_axis(opts)])
             return xla.chunked_forward(h, w, hr, wr, t[:, None], None if rh is None else rh[:, None], opts, block_v=bv)
 
         def bwd_grads(h, w, hr, wr, rg):
-            bv = block_v or xla.default_block_v(h.shape[0], w.shape[1])
-            return xla.chunked_backward(h, w, hr, wr, rg, opts, block_v=bv, bwd_rows=_bwd_rows(bwd_rows, h, w))
+            bv = block_v or xla.default_block_v(h.shape[0], w.shape[xla.vocab_axis(opts)])
+            return xla.chunked_backward(h, w, hr, wr, rg, opts, block_v=bv, bwd_rows=_bwd_rows(bwd_rows, h, w, opts))
 
     elif impl == "pallas_gpu":
         kw = dict(block_n=block_n, block_v=block_v, block_d=block_d, interpret=interpret)
@@ -148,7 +157,7 @@ def _make_fused(impl: str, opts: HeadOpts, block_n, block_v, block_d, bwd_rows, 
             return pallas_gpu.forward(h, w, hr, wr, t, rh, opts, **kw)
 
         def bwd_grads(h, w, hr, wr, rg):
-            return pallas_gpu.backward(h, w, hr, wr, rg, opts, bwd_rows=_bwd_rows(bwd_rows, h, w), **kw)
+            return pallas_gpu.backward(h, w, hr, wr, rg, opts, bwd_rows=_bwd_rows(bwd_rows, h, w, opts), **kw)
 
     elif impl == "pallas_tpu":
         kw = dict(block_n=block_n, block_v=block_v, interpret=interpret)
@@ -202,6 +211,7 @@ def fused_lm_head(
     block_v: Optional[int] = None,
     block_d: Optional[int] = None,
     bwd_rows: Optional[int | str] = None,
+    weight_layout: str = "dv",
     impl: str = "auto",
     interpret: Optional[bool] = None,
 ) -> LMHeadStats:
@@ -210,17 +220,23 @@ def fused_lm_head(
     See the module docstring for the statistics, masking, KL direction,
     sampling and implementation details.
     """
-    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[0]:
-        raise ValueError(f"expected hidden [N,d] and weight [d,V], got {hidden.shape} and {weight.shape}")
-    n, vocab = hidden.shape[0], weight.shape[1]
+    if weight_layout not in ("dv", "vd"):
+        raise ValueError(f"weight_layout must be 'dv' ([d, V]) or 'vd' ([V, d]), got {weight_layout!r}")
+    vd = weight_layout == "vd"
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[int(vd)]:
+        raise ValueError(f"expected hidden [N,d] and weight {'[V,d]' if vd else '[d,V]'}, got {hidden.shape} "
+                         f"and {weight.shape}")
+    n, vocab = hidden.shape[0], weight.shape[1 - int(vd)]
     if targets.shape != (n,):
         raise ValueError(f"targets must have shape ({n},), got {targets.shape}")
     if ref_hidden is not None and ref_weight is None:
         raise ValueError("ref_hidden given without ref_weight")
     if ref_weight is not None:
         ref_d = hidden.shape[1] if ref_hidden is None else ref_hidden.shape[1]
-        if ref_weight.shape != (ref_d, vocab):
-            raise ValueError(f"ref_weight must be [{ref_d}, {vocab}], got {ref_weight.shape}")
+        want = (vocab, ref_d) if vd else (ref_d, vocab)
+        if ref_weight.shape != want:
+            raise ValueError(f"ref_weight must be {list(want)} (weight_layout={weight_layout!r}), "
+                             f"got {ref_weight.shape}")
         if ref_hidden is not None and ref_hidden.shape[0] != n:
             raise ValueError(f"ref_hidden must have {n} rows, got {ref_hidden.shape}")
     if kl_direction not in xla.KL_DIRECTIONS:
@@ -234,7 +250,7 @@ def fused_lm_head(
 
     impl, opts, interpret = _static_options(impl, interpret, logit_softcap, temperature,
                                             ref_weight is not None, kl_direction,
-                                            sample_rng is not None)
+                                            sample_rng is not None, weight_layout)
     targets, valid = _valid_targets(targets, vocab, where)
     row_hash = gumbel.noise_row_hash(sample_rng, n) if opts.with_sample else None
     return compute(impl, opts, (block_n, block_v, block_d, bwd_rows), interpret, hidden, weight,
@@ -242,7 +258,7 @@ def fused_lm_head(
 
 
 def _static_options(impl, interpret, logit_softcap, temperature, with_kl, kl_direction,
-                    with_sample):
+                    with_sample, weight_layout="dv"):
     impl = resolve_impl(impl)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
@@ -254,6 +270,7 @@ def _static_options(impl, interpret, logit_softcap, temperature, with_kl, kl_dir
         with_kl=with_kl,
         kl_direction=kl_direction,
         with_sample=with_sample,
+        w_vd=weight_layout == "vd",
     )
     return impl, opts, interpret
 
@@ -273,6 +290,10 @@ def compute(impl, opts, blocks, interpret, hidden, weight, ref_hidden, ref_weigh
     :func:`curriculax.kernels.sharded.sharded_lm_head`)."""
     ref_weight = None if ref_weight is None else jax.lax.stop_gradient(ref_weight)
     ref_hidden = None if ref_hidden is None else jax.lax.stop_gradient(ref_hidden)
+    if impl == "pallas_tpu" and opts.w_vd:  # its BlockSpecs read [d, V]: a transposed copy for now
+        weight = weight.T
+        ref_weight = None if ref_weight is None else ref_weight.T
+        opts = dataclasses.replace(opts, w_vd=False)
     if impl == "xla_naive":
         stats = _mask_stats(
             xla.naive_stats(hidden, weight, ref_hidden, ref_weight, targets, valid, row_hash, opts), valid

@@ -127,6 +127,12 @@ def _warps(num_warps, bn, bv):
     return num_warps or (8 if bn * bv >= 128 * 128 else 4)
 
 
+def _tile_dot(a, b, dims, dtype=None):
+    """float32 ``dot_general`` of two tiles with one operand dtype (``a``'s unless given)."""
+    c = dtype or a.dtype
+    return lax.dot_general(a.astype(c), b.astype(c), (dims, ((), ())), preferred_element_type=jnp.float32)
+
+
 def _pad_rows(x: jax.Array, n_pad: int, fill) -> jax.Array:
     return jnp.pad(x, (0, n_pad - x.shape[0]), constant_values=fill)
 
@@ -138,18 +144,22 @@ def _logit_tiles(x_ref, w_ref, xr_ref, wr_ref, row_ok, c0, col_ok, *, bn, bv, bk
         kk = k * bk + jnp.arange(bk)
         return plgpu.load(ref.at[:, pl.ds(k * bk, bk)], mask=row_ok[:, None] & (kk < dx)[None, :], other=0.0)
 
-    def load_w(ref, k, dx):
+    def load_w(ref, k, dx):  # [bk, bv], or [bv, bk] for a [V, d] head
         kk = k * bk + jnp.arange(bk)
+        if opts.w_vd:
+            return plgpu.load(
+                ref.at[pl.ds(c0, bv), pl.ds(k * bk, bk)], mask=col_ok[:, None] & (kk < dx)[None, :], other=0.0
+            )
         return plgpu.load(
             ref.at[pl.ds(k * bk, bk), pl.ds(c0, bv)], mask=(kk < dx)[:, None] & col_ok[None, :], other=0.0
         )
 
-    def dot(a, b):  # Triton's dot needs one operand dtype (bf16 activations x f32 params: f32)
-        c = jnp.result_type(a.dtype, b.dtype)
-        return jnp.dot(a.astype(c), b.astype(c), preferred_element_type=jnp.float32)
+    def dot(a, b):  # one operand dtype for Triton: the activations' (weight tiles cast on load)
+        return _tile_dot(a, b, ((1,), (1 if opts.w_vd else 0,)))
 
     zeros = jnp.zeros((bn, bv), jnp.float32)
-    d = w_ref.shape[0]
+    hdim = 1 - xla.vocab_axis(opts)
+    d = w_ref.shape[hdim]
     nk = pl.cdiv(d, bk)
     if opts.with_kl and shares_x:
         # one pass over the shared hidden block feeds both heads
@@ -162,7 +172,7 @@ def _logit_tiles(x_ref, w_ref, xr_ref, wr_ref, row_ok, c0, col_ok, *, bn, bv, bk
         return xla.cap(acc, opts.softcap), xla.cap(accr, opts.softcap)
 
     def single(xref, wref):
-        dx = wref.shape[0]
+        dx = wref.shape[hdim]
         return lax.fori_loop(
             0, pl.cdiv(dx, bk), lambda k, acc: acc + dot(load_x(xref, k, dx), load_w(wref, k, dx)), zeros
         )
@@ -220,7 +230,7 @@ def _tiles(h, w, hr, opts: HeadOpts, defaults, block_n, block_v, block_d, num_st
     n, d = h.shape
     dn, dv, dk = _defaults(opts, *defaults)
     bn = _pow2_block(block_n, dn, n)
-    bv = _pow2_block(block_v, dv, w.shape[1])
+    bv = _pow2_block(block_v, dv, w.shape[xla.vocab_axis(opts)])
     bk = _pow2_block(block_d, dk, max(d, hr.shape[1] if hr is not None else d))
     itemsize = max(h.dtype.itemsize, w.dtype.itemsize)
     bk, num_stages = _fit_smem(bn, bv, bk, num_stages, itemsize, 2 if (opts.with_kl and hr is None) else 1)
@@ -233,7 +243,7 @@ def forward(
 ) -> OnlineState:
     """Online state ``[N, 1]`` per field, computed by the fused Triton kernel."""
     n, d = h.shape
-    vocab = w.shape[1]
+    vocab = w.shape[xla.vocab_axis(opts)]
     bn, bv, bk, num_stages = _tiles(h, w, hr, opts, (FWD_BLOCKS, EXTRA_FWD_BLOCKS), block_n, block_v,
                                     block_d, num_stages)
     nb = pl.cdiv(n, bn)
@@ -318,13 +328,8 @@ def _dlogits_kernel(*refs, n_rows, vocab, chunk, bn, bv, bk, shares_x, rg_presen
     )
 
 
-def _tile_dot(a, b, dims):
-    c = jnp.result_type(a.dtype, b.dtype)
-    return lax.dot_general(a.astype(c), b.astype(c), (dims, ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dh_update_kernel(dr_ref, w_ref, off_ref, _, acc_ref, *, rows, d, chunk, bm, bn, bk):
-    """``acc[R, d] += dr[R, chunk] @ W[:, start:start+chunk]^T`` on one ``[bm, bn]`` tile, in place."""
+def _dh_update_kernel(dr_ref, w_ref, off_ref, _, acc_ref, *, rows, d, chunk, bm, bn, bk, w_vd):
+    """``acc[R, d] += dr[R, chunk] @ W_chunk^T`` on one ``[bm, bn]`` tile, in place."""
     i, j = pl.program_id(0), pl.program_id(1)
     r_ok = (i * bm + jnp.arange(bm)) < rows
     c_ok = (j * bn + jnp.arange(bn)) < d
@@ -333,6 +338,10 @@ def _dh_update_kernel(dr_ref, w_ref, off_ref, _, acc_ref, *, rows, d, chunk, bm,
     def body(k, acc):
         k_ok = (k * bk + jnp.arange(bk)) < chunk
         a = plgpu.load(dr_ref.at[pl.ds(i * bm, bm), pl.ds(k * bk, bk)], mask=r_ok[:, None] & k_ok[None, :], other=0)
+        if w_vd:  # W [V, d]: a [bk, bn] tile
+            b = plgpu.load(w_ref.at[pl.ds(start + k * bk, bk), pl.ds(j * bn, bn)],
+                           mask=k_ok[:, None] & c_ok[None, :], other=0)
+            return acc + _tile_dot(a, b, ((1,), (0,)))
         b = plgpu.load(w_ref.at[pl.ds(j * bn, bn), pl.ds(start + k * bk, bk)], mask=c_ok[:, None] & k_ok[None, :],
                        other=0)
         return acc + _tile_dot(a, b, ((1,), (1,)))
@@ -343,9 +352,10 @@ def _dh_update_kernel(dr_ref, w_ref, off_ref, _, acc_ref, *, rows, d, chunk, bm,
     plgpu.store(tile, acc, mask=mask)
 
 
-def _dw_update_kernel(h_ref, dr_ref, off_ref, _, dw_ref, *, rows, d, chunk, bm, bn, bk):
-    """``dW[:, start:start+chunk] += h^T @ dr`` on one ``[bm, bn]`` tile, in place; float32 sum
-    over the group's rows, one rounding to the weight dtype."""
+def _dw_update_kernel(h_ref, dr_ref, off_ref, _, dw_ref, *, rows, d, chunk, bm, bn, bk, w_vd):
+    """``dW_chunk += h^T @ dr`` on one ``[bm (d), bn (vocab)]`` tile (stored transposed for a
+    ``[V, d]`` head), in place; float32 sum over the group's rows, one rounding to the weight
+    dtype."""
     i, j = pl.program_id(0), pl.program_id(1)
     d_ok = (i * bm + jnp.arange(bm)) < d
     c_ok = (j * bn + jnp.arange(bn)) < chunk
@@ -356,10 +366,14 @@ def _dw_update_kernel(h_ref, dr_ref, off_ref, _, dw_ref, *, rows, d, chunk, bm, 
         a = plgpu.load(h_ref.at[pl.ds(k * bk, bk), pl.ds(i * bm, bm)], mask=k_ok[:, None] & d_ok[None, :], other=0)
         b = plgpu.load(dr_ref.at[pl.ds(k * bk, bk), pl.ds(j * bn, bn)], mask=k_ok[:, None] & c_ok[None, :],
                        other=0)
-        return acc + _tile_dot(a, b, ((0,), (0,)))
+        return acc + (_tile_dot(b, a, ((0,), (0,))) if w_vd else _tile_dot(a, b, ((0,), (0,))))
 
-    tile = dw_ref.at[pl.ds(i * bm, bm), pl.ds(start + j * bn, bn)]
-    mask = d_ok[:, None] & c_ok[None, :]
+    if w_vd:
+        tile = dw_ref.at[pl.ds(start + j * bn, bn), pl.ds(i * bm, bm)]
+        mask = c_ok[:, None] & d_ok[None, :]
+    else:
+        tile = dw_ref.at[pl.ds(i * bm, bm), pl.ds(start + j * bn, bn)]
+        mask = d_ok[:, None] & c_ok[None, :]
     acc = lax.fori_loop(0, pl.cdiv(rows, bk), body, plgpu.load(tile, mask=mask, other=0).astype(jnp.float32))
     plgpu.store(tile, acc.astype(dw_ref.dtype), mask=mask)
 
@@ -374,11 +388,11 @@ def pallas_update(*, interpret=False, blocks=GEMM_BLOCKS, num_warps=4, num_stage
     bm, bn, bk = blocks
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
-    def update(dh, dw, h, dr, w, start):
+    def update(dh, dw, h, dr, w, start, opts: HeadOpts):
         rows, chunk = dr.shape
         d = h.shape[1]
         off = jnp.stack([start]).astype(jnp.int32)
-        geo = dict(rows=rows, d=d, chunk=chunk, bm=bm, bn=bn, bk=bk)
+        geo = dict(rows=rows, d=d, chunk=chunk, bm=bm, bn=bn, bk=bk, w_vd=opts.w_vd)
         dh = pl.pallas_call(
             functools.partial(_dh_update_kernel, **geo), grid=(pl.cdiv(rows, bm), pl.cdiv(d, bn)),
             in_specs=[pl.no_block_spec] * 4, out_specs=pl.no_block_spec,
@@ -418,7 +432,7 @@ def backward(
     if gemm not in ("xla", "pallas"):
         raise ValueError(f"gemm must be 'xla' or 'pallas', got {gemm!r}")
     n, d = h.shape
-    vocab = w.shape[1]
+    vocab = w.shape[xla.vocab_axis(opts)]
     rows = n if bwd_rows is None else max(1, min(int(bwd_rows), n))
     if chunk_v is None:  # chosen for all N rows: a row group's [rows, chunk] dlogits stay as small
         chunk_v = default_chunk_v(n, vocab)
@@ -432,7 +446,7 @@ def backward(
     n_pad = nb * bn
     chunk = min(vocab, max(bv, (chunk_v // bv) * bv))
     shares_x = hr is None
-    cdt = jnp.result_type(h.dtype, w.dtype)
+    cdt = h.dtype  # dlogits in the compute dtype, like the GEMMs that read them
     present = tuple(f for f in _RG_FIELDS if getattr(rg, f) is not None)
     kernel = functools.partial(
         _dlogits_kernel, n_rows=rows, vocab=vocab, chunk=chunk, bn=bn, bv=bv, bk=bk, shares_x=shares_x,

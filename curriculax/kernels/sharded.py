@@ -59,14 +59,16 @@ def sharded_lm_head(hidden, weight, targets, *, mesh: Mesh,
                     where=None, logit_softcap: Optional[float] = None, ref_weight=None,
                     ref_hidden=None, kl_direction: str = "policy_ref", sample_rng=None,
                     temperature: float = 1.0, block_n=None, block_v=None, block_d=None,
-                    bwd_rows=None, impl: str = "auto", interpret=None) -> LMHeadStats:
+                    bwd_rows=None, weight_layout: str = "dv", impl: str = "auto",
+                    interpret=None) -> LMHeadStats:
     """:func:`curriculax.kernels.fused_lm_head` with rows and vocab split over ``mesh``."""
-    n, vocab = hidden.shape[0], weight.shape[1]
+    vd = weight_layout == "vd"
+    n, vocab = hidden.shape[0], weight.shape[0 if vd else 1]
     if targets.shape != (n,):
         raise ValueError(f"targets must have shape ({n},), got {targets.shape}")
     impl, opts, interpret = lm_head._static_options(
         impl, interpret, logit_softcap, temperature, ref_weight is not None, kl_direction,
-        sample_rng is not None)
+        sample_rng is not None, weight_layout)
     rows = _fitting_axes(mesh, row_axes, n)
     cols = _fitting_axes(mesh, (vocab_axis,), vocab)
     if cols and (opts.with_kl or opts.with_sample):
@@ -75,7 +77,7 @@ def sharded_lm_head(hidden, weight, targets, *, mesh: Mesh,
     row_hash = gumbel.noise_row_hash(sample_rng, n) if opts.with_sample else None
     blocks = (block_n, block_v, block_d, bwd_rows)
     rspec, cspec = _spec(rows), _spec(cols)
-    row_in, w_in = P(rspec, None), P(None, cspec)
+    row_in, w_in = P(rspec, None), (P(cspec, None) if vd else P(None, cspec))
     vec = P(rspec)
 
     if not cols:
@@ -102,8 +104,8 @@ def sharded_lm_head(hidden, weight, targets, *, mesh: Mesh,
         # Every valid row needs its slice's lse/entropy: score a dummy in-range target.
         st = lm_head.compute(impl, opts, blocks, interpret, h, w, None, None,
                              jnp.where(ok, 0, -1), ok, None)
-        col = jnp.take(w, jnp.clip(local_t, 0, width - 1), axis=1)  # [d, N_local]
-        z = jnp.einsum("nd,dn->n", h.astype(jnp.float32), col.astype(jnp.float32))
+        col = jnp.take(w, jnp.clip(local_t, 0, width - 1), axis=0 if vd else 1)  # the targets' head rows
+        z = jnp.einsum("nd,nd->n" if vd else "nd,dn->n", h.astype(jnp.float32), col.astype(jnp.float32))
         if opts.softcap is not None:
             z = opts.softcap * jnp.tanh(z / opts.softcap)
         z_t = jax.lax.psum(jnp.where(mine, z, 0.0), cols[0])

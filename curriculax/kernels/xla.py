@@ -76,6 +76,8 @@ class HeadOpts:
     with_kl: bool = False
     kl_direction: str = "policy_ref"
     with_sample: bool = False
+    # the head (and reference head) stored [V, d] -- e.g. a tied embedding -- instead of [d, V]
+    w_vd: bool = False
 
 
 class OnlineState(NamedTuple):
@@ -282,8 +284,19 @@ def row_grad(stats: dict, cts: dict, targets, sidx, valid, opts: HeadOpts) -> Ro
     )
 
 
-def _dot_f32(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+def vocab_axis(opts: HeadOpts) -> int:
+    return 0 if opts.w_vd else 1
+
+
+def head_dot(x, w, opts: HeadOpts) -> jax.Array:
+    """``x [R, d]`` times the head (``[d, C]``, or ``[C, d]`` with ``w_vd``) -> float32 ``[R, C]``.
+
+    Operands run in ``x``'s dtype (the activations', i.e. the compute dtype), as
+    ``Transformer.logits`` does: a float32 head under bf16 compute is cast tile by tile
+    inside the kernels, never copied whole."""
+    contract = 1 if opts.w_vd else 0
+    return lax.dot_general(x, w.astype(x.dtype), (((1,), (contract,)), ((), ())),
+                           preferred_element_type=jnp.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -297,7 +310,7 @@ def naive_stats(h, w, hr, wr, targets, valid, row_hash, opts: HeadOpts) -> dict:
     ``targets`` int32 ``[N]`` (-1 on masked rows), ``valid`` bool ``[N]``.
     Returns unmasked row stats (masking is applied by the caller).
     """
-    z = cap(_dot_f32(h, w), opts.softcap)
+    z = cap(head_dot(h, w, opts), opts.softcap)
     lse = jax.nn.logsumexp(z, axis=-1)
     logp = z - lse[:, None]
     p = jnp.exp(logp)
@@ -309,7 +322,7 @@ def naive_stats(h, w, hr, wr, targets, valid, row_hash, opts: HeadOpts) -> dict:
         max_logprob=lax.stop_gradient(jnp.max(logp, axis=-1)),
     )
     if opts.with_kl:
-        zr = lax.stop_gradient(cap(_dot_f32(h if hr is None else hr, wr), opts.softcap))
+        zr = lax.stop_gradient(cap(head_dot(h if hr is None else hr, wr, opts), opts.softcap))
         logq = jax.nn.log_softmax(zr, axis=-1)
         if opts.kl_direction == "policy_ref":
             out["kl_to_ref"] = jnp.sum(p * (logp - logq), axis=-1)
@@ -364,13 +377,13 @@ def _chunk_cols(i, vc, vocab):
 
 
 def _chunk_logits(h, w, hr, wr, start, vc, opts):
-    w_c = lax.dynamic_slice_in_dim(w, start, vc, axis=1)
-    z = cap(_dot_f32(h, w_c), opts.softcap)
+    ax = vocab_axis(opts)
+    z = cap(head_dot(h, lax.dynamic_slice_in_dim(w, start, vc, axis=ax), opts), opts.softcap)
     zr = None
     if opts.with_kl:
-        wr_c = lax.dynamic_slice_in_dim(wr, start, vc, axis=1)
-        zr = cap(_dot_f32(h if hr is None else hr, wr_c), opts.softcap)
-    return w_c, z, zr
+        wr_c = lax.dynamic_slice_in_dim(wr, start, vc, axis=ax)
+        zr = cap(head_dot(h if hr is None else hr, wr_c, opts), opts.softcap)
+    return z, zr
 
 
 def chunked_forward(h, w, hr, wr, targets, row_hash, opts: HeadOpts, *, block_v: int) -> OnlineState:
@@ -379,12 +392,12 @@ def chunked_forward(h, w, hr, wr, targets, row_hash, opts: HeadOpts, *, block_v:
     ``targets`` / ``row_hash`` are ``[N, 1]`` int32 (row_hash None w/o sampling).
     """
     n = h.shape[0]
-    vocab = w.shape[1]
+    vocab = w.shape[vocab_axis(opts)]
     vc, num_chunks = _chunk_geometry(vocab, block_v)
 
     def body(state, i):
         start, cols, valid = _chunk_cols(i, vc, vocab)
-        _, z, zr = _chunk_logits(h, w, hr, wr, start, vc, opts)
+        z, zr = _chunk_logits(h, w, hr, wr, start, vc, opts)
         return merge(state, tile_state(z, zr, valid, cols, targets, row_hash, opts), opts), None
 
     state, _ = lax.scan(body, init_state(n, opts), jnp.arange(num_chunks, dtype=jnp.int32))
@@ -418,8 +431,8 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
     ``d_W[:, c] += h^T @ dr_c`` in place, in the weight dtype (the GEMM
     accumulates in float32).  ``dlogits_fn(h, hr, rg, start, valid_lo)`` may
     replace the XLA recompute (the Pallas GPU backend fuses it into one kernel
-    that reads ``W`` in place), and ``update_fn(dh, dw, h, dr, w, start)`` the
-    two GEMM updates (default :func:`gemm_update`).
+    that reads ``W`` in place), and ``update_fn(dh, dw, h, dr, w, start, opts)`` the
+    two GEMM updates (default :func:`gemm_update`, the cuBLAS/XLA one).
 
     ``bwd_rows``: rows ``R`` per group (None: all ``N``).  The float32 ``d_h``
     accumulator shrinks to ``[R, d]``; each group adds its ``d_W`` product
@@ -461,34 +474,36 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
     return lax.fori_loop(0, -(-n // rows), group, (jnp.zeros_like(h), jnp.zeros_like(w)))
 
 
-def gemm_update(dh, dw, h, dr, w, start):
+def gemm_update(dh, dw, h, dr, w, start, opts: HeadOpts):
     """``dh += dr @ W_c^T`` (float32) and ``dW[:, c] += h^T @ dr`` for the chunk at ``start``."""
-    vc = dr.shape[1]
-    w_c = lax.dynamic_slice_in_dim(w, start, vc, axis=1)
-    dh = dh + lax.dot_general(dr, w_c, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    vc, ax = dr.shape[1], vocab_axis(opts)
+    w_c = lax.dynamic_slice_in_dim(w, start, vc, axis=ax).astype(dr.dtype)
+    dh = dh + lax.dot_general(dr, w_c, (((1,), (ax,)), ((), ())), preferred_element_type=jnp.float32)
     # in the weight dtype: a float32 [d, vc] product would be the largest temporary
-    dw_c = lax.dot_general(h, dr, (((0,), (0,)), ((), ())), preferred_element_type=dw.dtype)
-    old = lax.dynamic_slice_in_dim(dw, start, vc, axis=1)
-    return dh, lax.dynamic_update_slice_in_dim(dw, old + dw_c, start, axis=1)
+    if opts.w_vd:
+        dw_c = lax.dot_general(dr, h, (((0,), (0,)), ((), ())), preferred_element_type=dw.dtype)
+    else:
+        dw_c = lax.dot_general(h, dr, (((0,), (0,)), ((), ())), preferred_element_type=dw.dtype)
+    old = lax.dynamic_slice_in_dim(dw, start, vc, axis=ax)
+    return dh, lax.dynamic_update_slice_in_dim(dw, old + dw_c, start, axis=ax)
 
 
 def _vocab_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, block_v, dw, dlogits_fn, update_fn):
     """Scan over vocab chunks for one group of rows: (float32 d_h of the rows, updated d_W)."""
     n, d = h.shape
-    vocab = w.shape[1]
+    vocab = w.shape[vocab_axis(opts)]
     vc, num_chunks = _chunk_geometry(vocab, block_v)
-    cdt = jnp.result_type(h.dtype, w.dtype)
     update_fn = update_fn or gemm_update
 
     def body(carry, i):
         dh, dw = carry
         start, cols, valid = _chunk_cols(i, vc, vocab)
         if dlogits_fn is None:
-            _, z, zr = _chunk_logits(h, w, hr, wr, start, vc, opts)
+            z, zr = _chunk_logits(h, w, hr, wr, start, vc, opts)
             dr = tile_dlogits(z, zr, valid, cols, rg, opts)
         else:
             dr = dlogits_fn(h, hr, rg, start, i * vc)
-        return update_fn(dh, dw, h, dr.astype(cdt), w, start), None
+        return update_fn(dh, dw, h, dr.astype(h.dtype), w, start, opts), None
 
     (dh, dw), _ = lax.scan(body, (jnp.zeros((n, d), jnp.float32), dw), jnp.arange(num_chunks, dtype=jnp.int32))
     return dh, dw

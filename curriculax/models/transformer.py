@@ -66,9 +66,14 @@ class Transformer(nnx.Module):
 
     def lm_head_weight(self) -> jax.Array:
         """The ``[d, V]`` output projection (the transposed embedding when tied)."""
-        if self.config.tie_embeddings:
-            return self.embed[...].T
-        return self.lm_head[...]
+        return self.head_weight("dv")[0]
+
+    def head_weight(self, layout: str | None = None) -> tuple[jax.Array, str]:
+        """``(weight, layout)`` of the output head for ``fused_lm_head(weight_layout=layout)``:
+        as stored (a tied embedding ``[V, d]``, "vd", read in place by the kernels; an untied
+        head ``[d, V]``, "dv"), or transposed to ``layout`` when one is asked for."""
+        w, stored = (self.embed[...], "vd") if self.config.tie_embeddings else (self.lm_head[...], "dv")
+        return (w, stored) if layout in (None, stored) else (w.T, layout)
 
     def logits(self, hidden_BxTxd) -> jax.Array:
         w = self.lm_head_weight().astype(hidden_BxTxd.dtype)

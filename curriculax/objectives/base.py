@@ -48,20 +48,13 @@ def lm_head_stats(hidden_BxTxd, weight_dxV, targets_BxT, mask_BxT, *, mesh=None,
     (:func:`curriculax.kernels.sharded.sharded_lm_head`: rows over the mesh axes of the logical
     ``batch`` axis, vocab over those of ``vocab``), since XLA cannot partition a custom call;
     ``"always"`` does so for every impl, ``"never"`` leaves partitioning to XLA.
-    The head weight is cast to the hidden states' dtype (the model's compute dtype).
+    The kernel's matmuls run in the hidden states' dtype (the model's compute dtype).
     """
     if shard_map not in SHARD_MAP:
         raise ValueError(f"objective.shard_map={shard_map!r}: choose one of {SHARD_MAP}.")
     b, t, d = hidden_BxTxd.shape
     if kernel_kwargs.get("ref_hidden") is not None:  # the reference's hidden states, [B,T,d_ref]
         kernel_kwargs["ref_hidden"] = kernel_kwargs["ref_hidden"].reshape(b * t, -1)
-    # The head runs in the activations' dtype, as `Transformer.logits` does: float32 params
-    # under bf16 compute would otherwise make the kernel's matmuls float32 (no tensor cores).
-    weight_dxV = weight_dxV.astype(hidden_BxTxd.dtype)
-    if kernel_kwargs.get("ref_weight") is not None:
-        ref_h = kernel_kwargs.get("ref_hidden")
-        kernel_kwargs["ref_weight"] = kernel_kwargs["ref_weight"].astype(
-            hidden_BxTxd.dtype if ref_h is None else ref_h.dtype)
     args = (hidden_BxTxd.reshape(b * t, d), weight_dxV, targets_BxT.reshape(b * t))
     impl = resolve_impl(kernel_kwargs.get("impl", "auto"))
     if mesh is not None and mesh.size > 1 and (

@@ -75,7 +75,8 @@ def pair_bank(train_data: ExampleBank, tokenizer, cfg) -> tuple[PairBank, Exampl
 def _sequence_logprob(model, seq, head):
     hidden = model(seq.tokens, positions=getattr(seq, "positions", None),
                    segment_ids=getattr(seq, "segment_ids", None))
-    stats = objectives.lm_head_stats(hidden, model.lm_head_weight(), seq.targets, seq.loss_mask,
+    weight, layout = model.head_weight()
+    stats = objectives.lm_head_stats(hidden, weight, seq.targets, seq.loss_mask, weight_layout=layout,
                                      **head)
     return dpo.sequence_logprob(stats.target_logprob, seq.loss_mask), stats
 

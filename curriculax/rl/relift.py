@@ -83,8 +83,9 @@ def make_interleave(*, graphdef, optimizer, config, to_model=lambda p: p, head=N
 
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, to_model(params))
-        stats = objectives.lm_head_stats(model(batch.tokens), model.lm_head_weight(),
-                                         batch.targets, batch.loss_mask, **head)
+        weight, layout = model.head_weight()
+        stats = objectives.lm_head_stats(model(batch.tokens), weight, batch.targets, batch.loss_mask,
+                                         weight_layout=layout, **head)
         return sft_loss(stats.target_logprob, stats.entropy, batch.loss_mask, coef)
 
     def interleave(state, bank, rows_P, correct_PxG):

@@ -59,8 +59,9 @@ def head_options(config, mesh=None, rules=()) -> dict:
 def policy_logprob(model, seq, temperature: float, head: dict):
     """LM-head statistics of ``seq.targets`` at the sampling temperature (``[B,T]`` each)."""
     hidden = model(seq.tokens, positions=seq.positions, segment_ids=seq.segment_ids)
-    return objectives.lm_head_stats(hidden / temperature, model.lm_head_weight(), seq.targets,
-                                    seq.loss_mask, **head)
+    weight, layout = model.head_weight()
+    return objectives.lm_head_stats(hidden / temperature, weight, seq.targets, seq.loss_mask,
+                                    weight_layout=layout, **head)
 
 
 def make_rl_step(*, graphdef, curriculum, optimizer, lr_schedule, config, host_reward: HostReward,

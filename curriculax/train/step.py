@@ -78,17 +78,18 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
             embeds = embed_hooks[0][1](model, batch, jax.random.fold_in(rng, 1), model_ctx)
             hidden, sown = forward(batch.tokens, inputs_embeds=embeds, category=batch.category)
         extra = dict(kernel_options)
+        weight, layout = model.head_weight()
         if "ref" in objective.needs:  # frozen reference head for KL anchors
             ref = nnx.merge(graphdef, jax.lax.stop_gradient(to_model(ref_params)))
-            extra.update(ref_hidden=ref(batch.tokens), ref_weight=ref.lm_head_weight())
+            extra.update(ref_hidden=ref(batch.tokens), ref_weight=ref.head_weight(layout)[0])
         if "sample" in objective.needs:  # in-kernel Gumbel-max sampling (OTR)
             extra.update(sample_rng=rng)
-        stats = objectives.lm_head_stats(hidden, model.lm_head_weight(), batch.targets,
-                                         batch.loss_mask, impl=impl, **sharded, **extra)
+        stats = objectives.lm_head_stats(hidden, weight, batch.targets, batch.loss_mask, impl=impl,
+                                         weight_layout=layout, **sharded, **extra)
         if "ref_logprob" in objective.needs and getattr(stats, "ref_target_logprob", None) is None:
             ref_stats = objectives.lm_head_stats(extra["ref_hidden"], extra["ref_weight"],
                                                  batch.targets, batch.loss_mask, impl=impl,
-                                                 **sharded)
+                                                 weight_layout=layout, **sharded)
             stats = objectives.attach(stats, ref_target_logprob=ref_stats.target_logprob)
         return stats, jax.tree.leaves(sown)
 

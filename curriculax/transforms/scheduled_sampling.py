@@ -89,9 +89,11 @@ def predicted_embeddings(model, batch, rng, cfg) -> jax.Array:
     hidden = jax.lax.stop_gradient(model(batch.tokens))
     b, t, d = hidden.shape
     if prediction == "sample":
-        stats = fused_lm_head(hidden.reshape(b * t, d), jax.lax.stop_gradient(model.lm_head_weight()),
+        weight, layout = model.head_weight()
+        stats = fused_lm_head(hidden.reshape(b * t, d), jax.lax.stop_gradient(weight),
                               batch.targets.reshape(-1), where=batch.loss_mask.reshape(-1),
-                              sample_rng=rng, temperature=temperature, impl=cfg.get("impl", "auto"))
+                              sample_rng=rng, temperature=temperature, impl=cfg.get("impl", "auto"),
+                              weight_layout=layout)
         pred = jnp.take(table, stats.sampled_token.reshape(b, t), axis=0)
     elif prediction in ("argmax", "soft"):
         logits = jax.lax.stop_gradient(model.logits(hidden))
