@@ -503,18 +503,22 @@ def test_lowering_has_no_NxV_buffer(impl, platform):
     assert max(sizes) < _MN * _MV / 4, max(sizes)
 
 
+@pytest.mark.parametrize("layout", ["dv", "vd"])
 @pytest.mark.parametrize("impl,platform", [("pallas_gpu", "cuda"), ("pallas_tpu", "tpu")])
-def test_mixed_dtype_lowering(impl, platform):
+def test_mixed_dtype_lowering(impl, platform, layout):
     """bf16 activations with a float32 head (and bf16 reference head), as a bf16-compute model with
-    float32 params feeds the kernel: Triton and Mosaic need one operand dtype per dot."""
+    float32 params feeds the kernel, in both head layouts: Triton and Mosaic need one operand
+    dtype per dot."""
     def f(h, w, wr, t):
         def loss(h_, w_):
-            s = fused_lm_head(h_, w_, t, impl=impl, interpret=False, ref_weight=wr, bwd_rows=64)
+            s = fused_lm_head(h_, w_, t, impl=impl, interpret=False, ref_weight=wr, bwd_rows=64,
+                              weight_layout=layout)
             return (s.target_logprob + s.kl_to_ref).sum()
         return jax.grad(loss, argnums=(0, 1))(h, w)
 
-    args = (jax.ShapeDtypeStruct((256, 64), jnp.bfloat16), jax.ShapeDtypeStruct((64, 1024), jnp.float32),
-            jax.ShapeDtypeStruct((64, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((256,), jnp.int32))
+    head = (64, 1024) if layout == "dv" else (1024, 64)
+    args = (jax.ShapeDtypeStruct((256, 64), jnp.bfloat16), jax.ShapeDtypeStruct(head, jnp.float32),
+            jax.ShapeDtypeStruct(head, jnp.bfloat16), jax.ShapeDtypeStruct((256,), jnp.int32))
     jax.jit(f).trace(*args).lower(lowering_platforms=(platform,))
 
 

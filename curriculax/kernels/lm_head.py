@@ -79,7 +79,6 @@ Temperature, softcap and block sizes are static (a change recompiles).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Optional
 
@@ -290,10 +289,6 @@ def compute(impl, opts, blocks, interpret, hidden, weight, ref_hidden, ref_weigh
     :func:`curriculax.kernels.sharded.sharded_lm_head`)."""
     ref_weight = None if ref_weight is None else jax.lax.stop_gradient(ref_weight)
     ref_hidden = None if ref_hidden is None else jax.lax.stop_gradient(ref_hidden)
-    if impl == "pallas_tpu" and opts.w_vd:  # its BlockSpecs read [d, V]: a transposed copy for now
-        weight = weight.T
-        ref_weight = None if ref_weight is None else ref_weight.T
-        opts = dataclasses.replace(opts, w_vd=False)
     if impl == "xla_naive":
         stats = _mask_stats(
             xla.naive_stats(hidden, weight, ref_hidden, ref_weight, targets, valid, row_hash, opts), valid

@@ -70,18 +70,25 @@ def _pad_col(x, n_pad, fill):
 
 
 def _tiles(x_ref, w_ref, xr_ref, wr_ref, row_ok, col_ok, opts: HeadOpts):
-    """Masked operand blocks and the ``(z, zr)`` logits tile."""
-    c = jnp.result_type(x_ref.dtype, w_ref.dtype)  # one operand dtype for the MXU dots
-    x = jnp.where(row_ok, x_ref[...], 0).astype(c)
-    w = jnp.where(col_ok, w_ref[...], 0).astype(c)
-    z = xla.cap(jnp.dot(x, w, preferred_element_type=jnp.float32), opts.softcap)
+    """Masked operand blocks and the ``(z, zr)`` logits tile; the MXU operands run in the
+    activations' dtype (weight blocks ``[d, bv]``, or ``[bv, d]`` for a ``[V, d]`` head)."""
+    col_mask = col_ok.T if opts.w_vd else col_ok
+    x = jnp.where(row_ok, x_ref[...], 0)
+    w = jnp.where(col_mask, w_ref[...], 0).astype(x.dtype)
+    z = xla.cap(xla.head_dot(x, w, opts), opts.softcap)
     zr = None
     if opts.with_kl:
-        cr = jnp.result_type(x.dtype if xr_ref is None else xr_ref.dtype, wr_ref.dtype)
-        xr = (x if xr_ref is None else jnp.where(row_ok, xr_ref[...], 0)).astype(cr)
-        wr = jnp.where(col_ok, wr_ref[...], 0).astype(cr)
-        zr = xla.cap(jnp.dot(xr, wr, preferred_element_type=jnp.float32), opts.softcap)
+        xr = x if xr_ref is None else jnp.where(row_ok, xr_ref[...], 0)
+        wr = jnp.where(col_mask, wr_ref[...], 0).astype(xr.dtype)
+        zr = xla.cap(xla.head_dot(xr, wr, opts), opts.softcap)
     return x, w, z, zr
+
+
+def _w_spec(w, bv, opts: HeadOpts, index):
+    """The weight's ``(d, bv)`` block at vocab block ``j`` (``(bv, d)`` for a ``[V, d]`` head)."""
+    if opts.w_vd:
+        return pl.BlockSpec((bv, w.shape[1]), lambda *ij: (index(*ij), 0))
+    return pl.BlockSpec((w.shape[0], bv), lambda *ij: (0, index(*ij)))
 
 
 def _iotas(i, j, bn, bv, n_rows, vocab):
@@ -132,7 +139,7 @@ def forward(
     block_n=None, block_v=None, interpret=False, vmem_limit_bytes=None,
 ) -> OnlineState:
     n, d = h.shape
-    vocab = w.shape[1]
+    vocab = w.shape[xla.vocab_axis(opts)]
     bn = _block(block_n, 256, n, 16)
     bv = _block(block_v, 256, vocab, 128)
     nb, nvb = pl.cdiv(n, bn), pl.cdiv(vocab, bv)
@@ -140,13 +147,13 @@ def forward(
     shares_x = hr is None
 
     args = [h, w]
-    specs = [pl.BlockSpec((bn, d), lambda i, j: (i, 0)), pl.BlockSpec((d, bv), lambda i, j: (0, j))]
+    specs = [pl.BlockSpec((bn, d), lambda i, j: (i, 0)), _w_spec(w, bv, opts, lambda i, j: j)]
     if opts.with_kl:
         if not shares_x:
             args.append(hr)
             specs.append(pl.BlockSpec((bn, hr.shape[1]), lambda i, j: (i, 0)))
         args.append(wr)
-        specs.append(pl.BlockSpec((wr.shape[0], bv), lambda i, j: (0, j)))
+        specs.append(_w_spec(wr, bv, opts, lambda i, j: j))
     row_spec = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
     args.append(_pad_col(targets.astype(jnp.int32), n_pad, -1))
     specs.append(row_spec)
@@ -187,11 +194,14 @@ def _bwd_kernel(*refs, n_rows, vocab, bn, bv, shares_x, rg_present, for_weight, 
     row_ok, cols, col_ok = _iotas(i, j, bn, bv, n_rows, vocab)
     x, w, z, zr = _tiles(x_ref, w_ref, xr_ref, wr_ref, row_ok, col_ok, opts)
     dr = xla.tile_dlogits(z, zr, row_ok & col_ok, cols, rg, opts)
-    dr = dr.astype(jnp.result_type(x.dtype, w.dtype))
-    if for_weight:
-        acc_ref[...] += lax.dot_general(x, dr, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    dr = dr.astype(x.dtype)
+    if for_weight:  # [d, bv] (or [bv, d]) block of d_W
+        a, b = (dr, x) if opts.w_vd else (x, dr)
+        acc_ref[...] += lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     else:
-        acc_ref[...] += lax.dot_general(dr, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        contract = 0 if opts.w_vd else 1
+        acc_ref[...] += lax.dot_general(dr, w, (((1,), (contract,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
 
     @pl.when(inner == last)
     def _write():
@@ -203,7 +213,7 @@ def backward(
     block_n=None, block_v=None, interpret=False, vmem_limit_bytes=None,
 ):
     n, d = h.shape
-    vocab = w.shape[1]
+    vocab = w.shape[xla.vocab_axis(opts)]
     bn = _block(block_n, 256, n, 16)
     bv = _block(block_v, 256, vocab, 128)
     nb, nvb = pl.cdiv(n, bn), pl.cdiv(vocab, bv)
@@ -218,22 +228,20 @@ def backward(
         # index maps take (i, j) = (token block, vocab block) in both grids
         wrap = (lambda f: (lambda a, b: f(b, a))) if for_weight else (lambda f: f)
         args = [h, w]
-        specs = [
-            pl.BlockSpec((bn, d), wrap(lambda i, j: (i, 0))),
-            pl.BlockSpec((d, bv), wrap(lambda i, j: (0, j))),
-        ]
+        vocab_block = wrap(lambda i, j: j)
+        specs = [pl.BlockSpec((bn, d), wrap(lambda i, j: (i, 0))), _w_spec(w, bv, opts, vocab_block)]
         if opts.with_kl:
             if not shares_x:
                 args.append(hr)
                 specs.append(pl.BlockSpec((bn, hr.shape[1]), wrap(lambda i, j: (i, 0))))
             args.append(wr)
-            specs.append(pl.BlockSpec((wr.shape[0], bv), wrap(lambda i, j: (0, j))))
+            specs.append(_w_spec(wr, bv, opts, vocab_block))
         args += rg_args
         specs += [pl.BlockSpec((bn, 1), wrap(lambda i, j: (i, 0))) for _ in rg_args]
         if for_weight:
-            out_spec = pl.BlockSpec((d, bv), wrap(lambda i, j: (0, j)))
+            out_spec = _w_spec(w, bv, opts, vocab_block)
             out_shape = jax.ShapeDtypeStruct(w.shape, w.dtype)
-            scratch = pltpu.VMEM((d, bv), jnp.float32)
+            scratch = pltpu.VMEM(out_spec.block_shape, jnp.float32)
             grid = (nvb, nb)
         else:
             out_spec = pl.BlockSpec((bn, d), wrap(lambda i, j: (i, 0)))
