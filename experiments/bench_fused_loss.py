@@ -20,6 +20,8 @@ References, each skipped with a note when not installed: Liger's
 allocator) and tokamax's ``linear_softmax_cross_entropy_loss`` (JAX; its
 ``chunked_xla`` implementation, the memory-efficient one off TPU).
 
+``weight_layout=vd`` rows: the same head stored ``[V, d]`` (a tied embedding), read in place.
+
 ``--bwd-rows``: extra CE rows of each fused impl with ``fused_lm_head(bwd_rows=...)``
 (backward in row groups: smaller float32 ``d_hidden`` accumulator, one more
 bf16 rounding of ``d_weight`` per group).
@@ -184,6 +186,13 @@ def _jax_cases(jax, jnp, n, d, v, all_stats, impls, on_gpu, sweep=(), bwd_rows=(
                 return -jnp.mean(s.target_logprob)
 
             cases.append((f"{name} bwd_rows={rows}", ce_rows, None))
+        if name != "xla_naive":
+
+            def ce_vd(h, w_vd, t, name=name):  # the head stored [V, d] (a tied embedding), read in place
+                s = fused_lm_head(h, w_vd, t, impl=name, interpret=False, weight_layout="vd")
+                return -jnp.mean(s.target_logprob)
+
+            cases.append((f"{name} weight_layout=vd", ce_vd, None))
         if all_stats:
 
             def full(h, w, t, wr, name=name):
@@ -424,6 +433,7 @@ def main(argv=None):
         h = (jax.random.normal(k[0], (n, d)) / d**0.25).astype(jnp.bfloat16)
         w = (jax.random.normal(k[1], (d, v)) / d**0.25).astype(jnp.bfloat16)
         wr = (w.astype(jnp.float32) + 0.1 * jax.random.normal(k[2], (d, v)) / d**0.25).astype(jnp.bfloat16)
+        w_vd = w.T.copy()  # the same head stored [V, d]
         t = jax.random.randint(k[3], (n,), 0, v)
         grad_bytes = (n * d + v * d) * 2
         shape_s = f"{n}x{d}x{v}"
@@ -438,7 +448,7 @@ def main(argv=None):
                 rows.append({**row, "note": note})
                 continue
             objective = "full" if "+ent" in name else "ce"
-            fargs = (h, w, t, wr) if objective == "full" else (h, w, t)
+            fargs = (h, w, t, wr) if objective == "full" else (h, w_vd if "=vd" in name else w, t)
             try:
                 ms, extra, comp, fwd_ms = _bench_one(jax, fn, fargs, iters, fwd_too=objective == "ce")
             except Exception as e:  # noqa: BLE001
