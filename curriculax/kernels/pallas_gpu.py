@@ -328,6 +328,11 @@ def _dlogits_kernel(*refs, n_rows, vocab, chunk, bn, bv, bk, shares_x, rg_presen
     )
 
 
+def _load2(ref, r0, nr, r_ok, c0, nc, c_ok):
+    """The ``[nr, nc]`` tile of ``ref`` at ``(r0, c0)``, zero outside ``r_ok x c_ok``."""
+    return plgpu.load(ref.at[pl.ds(r0, nr), pl.ds(c0, nc)], mask=r_ok[:, None] & c_ok[None, :], other=0)
+
+
 def _dh_update_kernel(dr_ref, w_ref, off_ref, _, acc_ref, *, rows, d, chunk, bm, bn, bk, w_vd):
     """``acc[R, d] += dr[R, chunk] @ W_chunk^T`` on one ``[bm, bn]`` tile, in place."""
     i, j = pl.program_id(0), pl.program_id(1)
@@ -337,19 +342,13 @@ def _dh_update_kernel(dr_ref, w_ref, off_ref, _, acc_ref, *, rows, d, chunk, bm,
 
     def body(k, acc):
         k_ok = (k * bk + jnp.arange(bk)) < chunk
-        a = plgpu.load(dr_ref.at[pl.ds(i * bm, bm), pl.ds(k * bk, bk)], mask=r_ok[:, None] & k_ok[None, :], other=0)
+        a = _load2(dr_ref, i * bm, bm, r_ok, k * bk, bk, k_ok)
         if w_vd:  # W [V, d]: a [bk, bn] tile
-            b = plgpu.load(w_ref.at[pl.ds(start + k * bk, bk), pl.ds(j * bn, bn)],
-                           mask=k_ok[:, None] & c_ok[None, :], other=0)
-            return acc + _tile_dot(a, b, ((1,), (0,)))
-        b = plgpu.load(w_ref.at[pl.ds(j * bn, bn), pl.ds(start + k * bk, bk)], mask=c_ok[:, None] & k_ok[None, :],
-                       other=0)
-        return acc + _tile_dot(a, b, ((1,), (1,)))
+            return acc + _tile_dot(a, _load2(w_ref, start + k * bk, bk, k_ok, j * bn, bn, c_ok), ((1,), (0,)))
+        return acc + _tile_dot(a, _load2(w_ref, j * bn, bn, c_ok, start + k * bk, bk, k_ok), ((1,), (1,)))
 
-    tile = acc_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)]
-    mask = r_ok[:, None] & c_ok[None, :]
-    acc = lax.fori_loop(0, pl.cdiv(chunk, bk), body, plgpu.load(tile, mask=mask, other=0.0))
-    plgpu.store(tile, acc, mask=mask)
+    acc = lax.fori_loop(0, pl.cdiv(chunk, bk), body, _load2(acc_ref, i * bm, bm, r_ok, j * bn, bn, c_ok))
+    plgpu.store(acc_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc, mask=r_ok[:, None] & c_ok[None, :])
 
 
 def _dw_update_kernel(h_ref, dr_ref, off_ref, _, dw_ref, *, rows, d, chunk, bm, bn, bk, w_vd):
@@ -363,19 +362,15 @@ def _dw_update_kernel(h_ref, dr_ref, off_ref, _, dw_ref, *, rows, d, chunk, bm, 
 
     def body(k, acc):
         k_ok = (k * bk + jnp.arange(bk)) < rows
-        a = plgpu.load(h_ref.at[pl.ds(k * bk, bk), pl.ds(i * bm, bm)], mask=k_ok[:, None] & d_ok[None, :], other=0)
-        b = plgpu.load(dr_ref.at[pl.ds(k * bk, bk), pl.ds(j * bn, bn)], mask=k_ok[:, None] & c_ok[None, :],
-                       other=0)
+        a = _load2(h_ref, k * bk, bk, k_ok, i * bm, bm, d_ok)
+        b = _load2(dr_ref, k * bk, bk, k_ok, j * bn, bn, c_ok)
         return acc + (_tile_dot(b, a, ((0,), (0,))) if w_vd else _tile_dot(a, b, ((0,), (0,))))
 
-    if w_vd:
-        tile = dw_ref.at[pl.ds(start + j * bn, bn), pl.ds(i * bm, bm)]
-        mask = c_ok[:, None] & d_ok[None, :]
-    else:
-        tile = dw_ref.at[pl.ds(i * bm, bm), pl.ds(start + j * bn, bn)]
-        mask = d_ok[:, None] & c_ok[None, :]
-    acc = lax.fori_loop(0, pl.cdiv(rows, bk), body, plgpu.load(tile, mask=mask, other=0).astype(jnp.float32))
-    plgpu.store(tile, acc.astype(dw_ref.dtype), mask=mask)
+    # the tile sits at (d, vocab) in a [d, V] head, at (vocab, d) in a [V, d] one
+    d_side, v_side = (i * bm, bm, d_ok), (start + j * bn, bn, c_ok)
+    (r0, nr, r_ok), (c0, nc, col_ok) = (v_side, d_side) if w_vd else (d_side, v_side)
+    acc = lax.fori_loop(0, pl.cdiv(rows, bk), body, _load2(dw_ref, r0, nr, r_ok, c0, nc, col_ok).astype(jnp.float32))
+    plgpu.store(dw_ref.at[pl.ds(r0, nr), pl.ds(c0, nc)], acc.astype(dw_ref.dtype), mask=r_ok[:, None] & col_ok[None, :])
 
 
 # (block_m, block_n, block_k) of the in-place update GEMMs; not tuned on a GPU yet.
