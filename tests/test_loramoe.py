@@ -170,6 +170,7 @@ def test_trainer_updates_only_experts_and_adds_balancing_loss():
     assert len(routers) == 6 and all(np.any(v) for v in routers)
 
 
+@pytest.mark.slow  # ~20 s: two trainer runs; the 8-device path is also covered by test_train
 def test_train_run_one_and_eight_devices(tmp_path):
     assert len(jax.devices()) >= 8
     kw = {"steps": 4, "eval_every": 4, "checkpoint_every": 4}

@@ -112,6 +112,7 @@ def test_trainer_updates_only_prefixes():
     assert len(assert_trains_only(states, "/prefix/", changed=np.all)) == 4
 
 
+@pytest.mark.slow  # ~20 s: two trainer runs; the 8-device path is also covered by test_train
 def test_reparameterized_prefixes_in_trainer_one_and_eight_devices(tmp_path):
     """The MLP trains, the base is frozen, model weights carry the MLP's prefixes; the same
     run on one and on 8 devices gives the same losses."""
