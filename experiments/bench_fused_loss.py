@@ -339,17 +339,45 @@ def _sweep(jax, jnp, n, d, v, iters, which="all"):
               lambda h_, w_, bv=bv: xla.chunked_backward(h_, w_, None, None, rg, opts, block_v=bv))
     for bn, bv, bk, nw, ns, ch in [(64, 128, 64, 4, 2, 2048), (64, 128, 64, 4, 3, 2048), (128, 128, 64, 8, 3, 2048),
                                    (128, 128, 64, 8, 3, 1024), (128, 128, 64, 8, 3, 512), (128, 256, 64, 8, 3, 1024),
-                                   (128, 256, 64, 8, 3, 2048), (128, 256, 64, 8, 3, 4096)]:
+                                   (128, 256, 64, 8, 3, 2048), (128, 256, 64, 8, 3, 4096)] if which == "all" else ():
         timed(f"bwd pallas bn={bn} bv={bv} bd={bk} warps={nw} stages={ns} chunk={ch}",
               lambda h_, w_, c=(bn, bv, bk, nw, ns, ch): pallas_gpu.backward(
                   h_, w_, None, None, rg, opts, block_n=c[0], block_v=c[1], block_d=c[2], num_warps=c[3],
                   num_stages=c[4], chunk_v=c[5]))
-    # row groups with the XLA (cuBLAS) GEMM updates vs the in-place Pallas ones
-    for gemm, bwd_rows in [("xla", 1024), ("pallas", None), ("pallas", 1024), ("pallas", 2048)]:
-        timed(f"bwd pallas default tiles gemm={gemm} bwd_rows={bwd_rows}",
-              lambda h_, w_, g=gemm, r=bwd_rows: pallas_gpu.backward(h_, w_, None, None, rg, opts, gemm=g,
-                                                                     bwd_rows=r))
+    # The in-place Pallas GEMM updates: tiles first (one group), then row groups, the vocab-scan
+    # unroll and the bf16 d_h accumulator with the fastest tiles; the cuBLAS updates alongside.
+    def bwd(label, **kw):
+        timed(f"bwd pallas {label}", lambda h_, w_: pallas_gpu.backward(h_, w_, None, None, rg, opts, **kw))
+        return rows[-1]["ms"]
+
+    bwd("gemm=xla (default)")
+    gemm_ms = {}
+    for bm, bn, bk, nw, ns in [(64, 128, 32, 4, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3),
+                               (128, 256, 64, 8, 3), (64, 256, 64, 4, 3)]:
+        cfg = dict(blocks=(bm, bn, bk), num_warps=nw, num_stages=ns)
+        gemm_ms[(bm, bn, bk, nw, ns)] = bwd(f"gemm=pallas tiles={bm},{bn},{bk} warps={nw} stages={ns}", gemm="pallas",
+                                            gemm_config=cfg)
+    ok = {k: v for k, v in gemm_ms.items() if isinstance(v, float)}
+    if ok:
+        bm, bn, bk, nw, ns = min(ok, key=ok.get)
+        # the end-to-end rows below then use the sweep's fastest tiles (recorded in the table)
+        pallas_gpu.GEMM_CONFIG.update(blocks=(bm, bn, bk), num_warps=nw, num_stages=ns)
+    best = f"tiles={pallas_gpu.GEMM_CONFIG['blocks']}"
+    for r in (1024, 2048, 4096):
+        bwd(f"gemm=xla bwd_rows={r}", bwd_rows=r)
+        bwd(f"gemm=pallas {best} bwd_rows={r}", gemm="pallas", bwd_rows=r)
+    bwd(f"gemm=pallas {best} bwd_rows=2048 unroll=4", gemm="pallas", bwd_rows=2048, unroll=4)
+    bwd("gemm=xla unroll=4", unroll=4)
+    for ch in (1024, 2048):
+        bwd(f"gemm=pallas {best} acc=bf16 chunk={ch}", gemm="pallas", acc_dtype=jnp.bfloat16, chunk_v=ch)
+        bwd(f"gemm=xla acc=bf16 chunk={ch}", acc_dtype=jnp.bfloat16, chunk_v=ch)
     return rows
+
+
+def pallas_gpu_config():
+    from curriculax.kernels import pallas_gpu
+
+    return pallas_gpu.GEMM_CONFIG
 
 
 def _cpu_model():
@@ -424,7 +452,9 @@ def main(argv=None):
     if on_gpu and jax.default_backend() != "gpu":
         raise SystemExit(f"--device=gpu but JAX backend is {jax.default_backend()}")
     check_lines = _gpu_check(jax, jnp) if (on_gpu and args.check) else []
-    sweep_rows = _sweep(jax, jnp, *shapes[0], iters, args.sweep) if (on_gpu and args.sweep) else []
+    sweeps = []  # (shape, rows): "bwd" sweeps every shape, "all" the first
+    for shape in (shapes if args.sweep == "bwd" else shapes[:1]) if (on_gpu and args.sweep) else ():
+        sweeps.append((shape, _sweep(jax, jnp, *shape, iters, args.sweep)))
 
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     rows = []
@@ -503,9 +533,12 @@ def main(argv=None):
             "and are not timed"
         )
     lines += check_lines
-    if sweep_rows:
-        lines += ["", f"Component sweep ({'x'.join(map(str, shapes[0]))}, CE statistics only):", "",
+    for shape, sweep_rows in sweeps:
+        lines += ["", f"Component sweep ({'x'.join(map(str, shape))}, CE statistics only):", "",
                   _table(sweep_rows, ["component", "ms", "temp MiB", "1 + temp / (Nd+Vd)"])]
+    if sweeps:
+        lines.append(f"\nIn-place GEMM tiles of the `gemm=pallas` rows below (the sweep's fastest): "
+                     f"`{pallas_gpu_config()}`")
     lines += ["", _table(rows, cols), "", f"(total wall time {time.perf_counter() - wall0:.0f} s)"]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -291,6 +291,23 @@ def test_inplace_gemm_update_bf16_and_lowering():
     assert text.count("__gpu$xla.gpu.triton") >= 3  # dlogits + the two update kernels
 
 
+@pytest.mark.parametrize("gemm", ["xla", "pallas"])
+def test_bf16_dh_accumulator(gemm):
+    """``acc_dtype=bf16`` (CCE-style, opt-in): ``d_h`` is summed over vocab chunks in its own dtype;
+    each chunk adds one rounding, so it stays within a small multiple of the float32 path's error."""
+    from curriculax.kernels import pallas_gpu
+
+    h, w, wr, rg, opts = _backward_case(jnp.bfloat16)
+    true = xla.chunked_backward(h.astype(jnp.float32), w.astype(jnp.float32), None, wr.astype(jnp.float32), rg,
+                                opts, block_v=64)
+    f32 = xla.chunked_backward(h, w, None, wr, rg, opts, block_v=64)
+    got = pallas_gpu.backward(h, w, None, wr, rg, opts, block_n=16, block_v=32, block_d=16, chunk_v=32,
+                              gemm=gemm, acc_dtype=jnp.bfloat16, unroll=2, interpret=True)
+    err_f32, err_bf16 = _relnorm(f32[0], true[0]), _relnorm(got[0], true[0])
+    assert got[0].dtype == jnp.bfloat16 and err_f32 < err_bf16 <= 3 * err_f32 + 2e-3, (err_bf16, err_f32)
+    assert _relnorm(got[1], true[1]) <= 1.5 * _relnorm(f32[1], true[1]) + 1e-3
+
+
 @pytest.mark.parametrize("impl,extra", [
     ("xla_naive", {}), ("xla_chunked", {}), ("xla_chunked", dict(bwd_rows=16)), ("pallas_gpu", {}),
     ("pallas_gpu", dict(bwd_rows=15)), ("pallas_tpu", {}),

@@ -334,7 +334,8 @@ def _load2(ref, r0, nr, r_ok, c0, nc, c_ok):
 
 
 def _dh_update_kernel(dr_ref, w_ref, off_ref, _, acc_ref, *, rows, d, chunk, bm, bn, bk, w_vd):
-    """``acc[R, d] += dr[R, chunk] @ W_chunk^T`` on one ``[bm, bn]`` tile, in place."""
+    """``acc[R, d] += dr[R, chunk] @ W_chunk^T`` on one ``[bm, bn]`` tile, in place (float32 sum,
+    one rounding to ``acc``'s dtype)."""
     i, j = pl.program_id(0), pl.program_id(1)
     r_ok = (i * bm + jnp.arange(bm)) < rows
     c_ok = (j * bn + jnp.arange(bn)) < d
@@ -347,8 +348,10 @@ def _dh_update_kernel(dr_ref, w_ref, off_ref, _, acc_ref, *, rows, d, chunk, bm,
             return acc + _tile_dot(a, _load2(w_ref, start + k * bk, bk, k_ok, j * bn, bn, c_ok), ((1,), (0,)))
         return acc + _tile_dot(a, _load2(w_ref, j * bn, bn, c_ok, start + k * bk, bk, k_ok), ((1,), (1,)))
 
-    acc = lax.fori_loop(0, pl.cdiv(chunk, bk), body, _load2(acc_ref, i * bm, bm, r_ok, j * bn, bn, c_ok))
-    plgpu.store(acc_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc, mask=r_ok[:, None] & c_ok[None, :])
+    acc = _load2(acc_ref, i * bm, bm, r_ok, j * bn, bn, c_ok).astype(jnp.float32)
+    acc = lax.fori_loop(0, pl.cdiv(chunk, bk), body, acc)
+    plgpu.store(acc_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc.astype(acc_ref.dtype),
+                mask=r_ok[:, None] & c_ok[None, :])
 
 
 def _dw_update_kernel(h_ref, dr_ref, off_ref, _, dw_ref, *, rows, d, chunk, bm, bn, bk, w_vd):
@@ -373,14 +376,17 @@ def _dw_update_kernel(h_ref, dr_ref, off_ref, _, dw_ref, *, rows, d, chunk, bm, 
     plgpu.store(dw_ref.at[pl.ds(r0, nr), pl.ds(c0, nc)], acc.astype(dw_ref.dtype), mask=r_ok[:, None] & col_ok[None, :])
 
 
-# (block_m, block_n, block_k) of the in-place update GEMMs; not tuned on a GPU yet.
-GEMM_BLOCKS = (64, 128, 32)
+# (block_m, block_n, block_k), warps, stages of the in-place update GEMMs; not tuned on a GPU yet.
+GEMM_CONFIG = dict(blocks=(64, 128, 32), num_warps=4, num_stages=3)
 
 
-def pallas_update(*, interpret=False, blocks=GEMM_BLOCKS, num_warps=4, num_stages=3):
+def pallas_update(*, interpret=False, blocks=None, num_warps=None, num_stages=None):
     """An ``update_fn`` for :func:`xla.chunked_backward` that does both GEMM updates in place
-    (``input_output_aliases``): no ``[d, chunk]`` product or weight-slice temporaries."""
-    bm, bn, bk = blocks
+    (``input_output_aliases``): no ``[d, chunk]`` product or weight-slice temporaries.
+    Unset tile options come from :data:`GEMM_CONFIG`."""
+    bm, bn, bk = blocks or GEMM_CONFIG["blocks"]
+    num_warps = num_warps or GEMM_CONFIG["num_warps"]
+    num_stages = num_stages or GEMM_CONFIG["num_stages"]
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
     def update(dh, dw, h, dr, w, start, opts: HeadOpts):
@@ -415,20 +421,22 @@ def default_chunk_v(num_rows: int, vocab: int) -> int:
 
 def backward(
     h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *,
-    block_n=None, block_v=None, block_d=None, chunk_v=None, bwd_rows=None, gemm="xla", interpret=False,
-    num_warps=None, num_stages=3,
+    block_n=None, block_v=None, block_d=None, chunk_v=None, bwd_rows=None, gemm=None, gemm_config=None,
+    acc_dtype=jnp.float32, unroll=1, interpret=False, num_warps=None, num_stages=3,
 ):
     """``(d_hidden, d_weight)``: Pallas-fused ``dlogits`` per vocab chunk + two GEMM updates.
 
-    ``bwd_rows``: rows per backward group (see :func:`xla.chunked_backward`).
-    ``gemm``: ``"xla"`` (cuBLAS through XLA; measured) or ``"pallas"`` (:func:`pallas_update`:
-    in place, for the smallest footprint; correct in interpret mode, not yet timed on a GPU).
+    ``bwd_rows``, ``acc_dtype``, ``unroll``: see :func:`xla.chunked_backward`.
+    ``gemm``: ``"xla"`` (cuBLAS through XLA) or ``"pallas"`` (:func:`pallas_update`: in place,
+    for the smallest footprint); None: ``"pallas"`` when row groups are asked for (the point of
+    them is memory), else ``"xla"``.  ``gemm_config``: ``pallas_update`` keyword arguments.
     """
-    if gemm not in ("xla", "pallas"):
-        raise ValueError(f"gemm must be 'xla' or 'pallas', got {gemm!r}")
     n, d = h.shape
     vocab = w.shape[xla.vocab_axis(opts)]
     rows = n if bwd_rows is None else max(1, min(int(bwd_rows), n))
+    gemm = gemm or ("pallas" if rows < n else "xla")
+    if gemm not in ("xla", "pallas"):
+        raise ValueError(f"gemm must be 'xla' or 'pallas', got {gemm!r}")
     if chunk_v is None:  # chosen for all N rows: a row group's [rows, chunk] dlogits stay as small
         chunk_v = default_chunk_v(n, vocab)
     defaults = BWD_BLOCKS
@@ -472,6 +480,6 @@ def backward(
             name="lm_head_dlogits",
         )(*args)
 
-    update = pallas_update(interpret=interpret) if gemm == "pallas" else None
+    update = pallas_update(interpret=interpret, **(gemm_config or {})) if gemm == "pallas" else None
     return xla.chunked_backward(h, w, hr, wr, rg, opts, block_v=chunk, bwd_rows=rows, dlogits_fn=dlogits,
-                                update_fn=update)
+                                update_fn=update, acc_dtype=acc_dtype, unroll=unroll)

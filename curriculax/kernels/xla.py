@@ -51,6 +51,7 @@ with ``xla_chunked``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -423,7 +424,7 @@ def _zero_rows(rg: RowGrad, keep) -> RowGrad:
 
 
 def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int, bwd_rows=None, dlogits_fn=None,
-                     update_fn=None):
+                     update_fn=None, acc_dtype=jnp.float32, unroll=1):
     """``(d_hidden, d_weight)`` by recomputing logits chunk by chunk.
 
     Per vocab chunk ``c``: ``dr_c = dlogits(h, W_c)`` (``[R, vc]``),
@@ -434,6 +435,10 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
     that reads ``W`` in place), and ``update_fn(dh, dw, h, dr, w, start, opts)`` the
     two GEMM updates (default :func:`gemm_update`, the cuBLAS/XLA one).
 
+    ``acc_dtype``: dtype of the ``d_h`` accumulator (float32; ``h.dtype`` saves
+    its ``4 N d`` bytes at the cost of one rounding per vocab chunk, as CCE's
+    bf16 atomic adds do).  ``unroll``: of the vocab scan (fewer loop steps).
+
     ``bwd_rows``: rows ``R`` per group (None: all ``N``).  The float32 ``d_h``
     accumulator shrinks to ``[R, d]``; each group adds its ``d_W`` product
     rounded to the weight dtype (exact for float32 weights).  Groups are a
@@ -443,8 +448,10 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
     """
     n = h.shape[0]
     rows = n if bwd_rows is None else max(1, min(int(bwd_rows), n))
+    vocab_backward = functools.partial(_vocab_backward, block_v=block_v, dlogits_fn=dlogits_fn,
+                                       update_fn=update_fn, acc_dtype=acc_dtype, unroll=unroll)
     if rows == n:
-        dh, dw = _vocab_backward(h, w, hr, wr, rg, opts, block_v, jnp.zeros_like(w), dlogits_fn, update_fn)
+        dh, dw = vocab_backward(h, w, hr, wr, rg, opts, jnp.zeros_like(w))
         return dh.astype(h.dtype), dw
 
     def take(tree, r0):
@@ -454,7 +461,7 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
 
         def tiled(dw, gi):
             hg, hrg, rg_g = take((h, hr, rg), gi * rows)
-            dh_g, dw = _vocab_backward(hg, w, hrg, wr, rg_g, opts, block_v, dw, dlogits_fn, update_fn)
+            dh_g, dw = vocab_backward(hg, w, hrg, wr, rg_g, opts, dw)
             return dw, dh_g.astype(h.dtype)  # a scan output: written in place into d_h
 
         dw, dh = lax.scan(tiled, jnp.zeros_like(w), jnp.arange(n // rows))
@@ -466,8 +473,7 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
         r0 = jnp.minimum(lo, n - rows)
         keep = (r0 + jnp.arange(rows))[:, None] >= lo
         hg, hrg, rg_g, old = take((h, hr, rg, dh), r0)
-        dh_g, dw = _vocab_backward(hg, w, hrg, wr, _zero_rows(rg_g, keep), opts, block_v, dw, dlogits_fn,
-                                   update_fn)
+        dh_g, dw = vocab_backward(hg, w, hrg, wr, _zero_rows(rg_g, keep), opts, dw)
         dh_g = jnp.where(keep, dh_g.astype(dh.dtype), old)
         return lax.dynamic_update_slice_in_dim(dh, dh_g, r0, axis=0), dw
 
@@ -475,10 +481,12 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
 
 
 def gemm_update(dh, dw, h, dr, w, start, opts: HeadOpts):
-    """``dh += dr @ W_c^T`` (float32) and ``dW[:, c] += h^T @ dr`` for the chunk at ``start``."""
+    """``dh += dr @ W_c^T`` (float32 sum, stored in ``dh``'s dtype) and ``dW[:, c] += h^T @ dr``
+    for the chunk at ``start``."""
     vc, ax = dr.shape[1], vocab_axis(opts)
     w_c = lax.dynamic_slice_in_dim(w, start, vc, axis=ax).astype(dr.dtype)
-    dh = dh + lax.dot_general(dr, w_c, (((1,), (ax,)), ((), ())), preferred_element_type=jnp.float32)
+    prod = lax.dot_general(dr, w_c, (((1,), (ax,)), ((), ())), preferred_element_type=jnp.float32)
+    dh = (dh.astype(jnp.float32) + prod).astype(dh.dtype)
     # in the weight dtype: a float32 [d, vc] product would be the largest temporary
     if opts.w_vd:
         dw_c = lax.dot_general(dr, h, (((0,), (0,)), ((), ())), preferred_element_type=dw.dtype)
@@ -488,8 +496,9 @@ def gemm_update(dh, dw, h, dr, w, start, opts: HeadOpts):
     return dh, lax.dynamic_update_slice_in_dim(dw, old + dw_c, start, axis=ax)
 
 
-def _vocab_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, block_v, dw, dlogits_fn, update_fn):
-    """Scan over vocab chunks for one group of rows: (float32 d_h of the rows, updated d_W)."""
+def _vocab_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, dw, *, block_v, dlogits_fn, update_fn, acc_dtype,
+                    unroll):
+    """Scan over vocab chunks for one group of rows: (d_h of the rows in ``acc_dtype``, updated d_W)."""
     n, d = h.shape
     vocab = w.shape[vocab_axis(opts)]
     vc, num_chunks = _chunk_geometry(vocab, block_v)
@@ -505,5 +514,6 @@ def _vocab_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, block_v, dw, dlog
             dr = dlogits_fn(h, hr, rg, start, i * vc)
         return update_fn(dh, dw, h, dr.astype(h.dtype), w, start, opts), None
 
-    (dh, dw), _ = lax.scan(body, (jnp.zeros((n, d), jnp.float32), dw), jnp.arange(num_chunks, dtype=jnp.int32))
+    (dh, dw), _ = lax.scan(body, (jnp.zeros((n, d), acc_dtype), dw), jnp.arange(num_chunks, dtype=jnp.int32),
+                           unroll=unroll)
     return dh, dw
