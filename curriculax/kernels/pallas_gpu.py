@@ -138,12 +138,14 @@ def _pad_rows(x: jax.Array, n_pad: int, fill) -> jax.Array:
     return jnp.pad(x, (0, n_pad - x.shape[0]), constant_values=fill)
 
 
-def _logit_tiles(x_ref, w_ref, xr_ref, wr_ref, row_ok, c0, col_ok, *, bn, bv, bk, shares_x, opts):
-    """``(z, zr)`` for one ``[bn, bv]`` tile; d-loop with masked loads, fp32 acc."""
+def _logit_tiles(x_ref, w_ref, xr_ref, wr_ref, row_ok, c0, col_ok, *, bn, bv, bk, shares_x, opts, row0=None):
+    """``(z, zr)`` for one ``[bn, bv]`` tile; d-loop with masked loads, fp32 acc.  ``x_ref`` /
+    ``xr_ref`` are the ``[bn, d]`` row blocks, or (``row0`` given) whole arrays read from ``row0``."""
+    x_rows = slice(None) if row0 is None else pl.ds(row0, bn)
 
     def load_x(ref, k, dx):
         kk = k * bk + jnp.arange(bk)
-        return plgpu.load(ref.at[:, pl.ds(k * bk, bk)], mask=row_ok[:, None] & (kk < dx)[None, :], other=0.0)
+        return plgpu.load(ref.at[x_rows, pl.ds(k * bk, bk)], mask=row_ok[:, None] & (kk < dx)[None, :], other=0.0)
 
     def load_w(ref, k, dx):  # [bk, bv], or [bv, bk] for a [V, d] head
         kk = k * bk + jnp.arange(bk)
@@ -326,13 +328,13 @@ def _dlogits_kernel(*refs, n_rows, vocab, chunk, bn, bv, bk, shares_x, rg_presen
     i, j = pl.program_id(0), pl.program_id(1)
     rows = i * bn + jnp.arange(bn)
     row_ok = rows < n_rows
-    start, lo = _chunk_start(off_ref, vocab), off_ref[1]
+    start, lo, r0 = _chunk_start(off_ref, vocab), off_ref[1], off_ref[2]
     local = j * bv + jnp.arange(bv, dtype=jnp.int32)
     in_chunk = local < chunk
     cols = start + local
-    z, zr = _logit_tiles(  # W is read in place at the chunk's columns (no [d, chunk] copy)
+    z, zr = _logit_tiles(  # W and the group's rows are read in place (no [d, chunk] / [rows, d] copies)
         x_ref, w_ref, xr_ref, wr_ref, row_ok, start + j * bv, in_chunk, bn=bn, bv=bv, bk=bk, shares_x=shares_x,
-        opts=opts,
+        opts=opts, row0=r0 + i * bn,
     )
     valid = (in_chunk & (cols >= lo) & (cols < vocab))[None, :]
     dr = xla.tile_dlogits(z, zr, valid, cols[None, :], rg, opts)
@@ -376,11 +378,11 @@ def _dw_update_kernel(h_ref, dr_ref, off_ref, _, dw_ref, *, rows, d, vocab, chun
     i, j = pl.program_id(0), pl.program_id(1)
     d_ok = (i * bm + jnp.arange(bm)) < d
     c_ok = (j * bn + jnp.arange(bn)) < chunk
-    start = _chunk_start(off_ref, vocab)
+    start, g0 = _chunk_start(off_ref, vocab), off_ref[1]  # g0: the row group's first row in h
 
     def body(k, acc):
         k_ok = (k * bk + jnp.arange(bk)) < rows
-        a = _load2(h_ref, k * bk, bk, k_ok, i * bm, bm, d_ok)
+        a = _load2(h_ref, g0 + k * bk, bk, k_ok, i * bm, bm, d_ok)
         b = _load2(dr_ref, k * bk, bk, k_ok, j * bn, bn, c_ok)
         return acc + (_tile_dot(b, a, ((0,), (0,))) if w_vd else _tile_dot(a, b, ((0,), (0,))))
 
@@ -391,8 +393,10 @@ def _dw_update_kernel(h_ref, dr_ref, off_ref, _, dw_ref, *, rows, d, vocab, chun
     plgpu.store(dw_ref.at[pl.ds(r0, nr), pl.ds(c0, nc)], acc.astype(dw_ref.dtype), mask=r_ok[:, None] & col_ok[None, :])
 
 
-# (block_m, block_n, block_k), warps, stages of the in-place update GEMMs; not tuned on a GPU yet.
-GEMM_CONFIG = dict(blocks=(64, 128, 32), num_warps=4, num_stages=3)
+# (block_m, block_n, block_k), warps, stages of the in-place update GEMMs: the fastest of five
+# configs on an H100 for both bench shapes (`--sweep bwd`; e.g. N=8192 d=2048 V=128256, one
+# group: 26.6 ms vs 26.9 / 30.1 / 32.4 ms and (64, 128, 32) at 4 warps).
+GEMM_CONFIG = dict(blocks=(128, 256, 64), num_warps=8, num_stages=3)
 
 
 def pallas_update(*, interpret=False, blocks=None, num_warps=None, num_stages=None):
@@ -404,10 +408,10 @@ def pallas_update(*, interpret=False, blocks=None, num_warps=None, num_stages=No
     num_stages = num_stages or GEMM_CONFIG["num_stages"]
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
-    def update(dh, dw, h, dr, w, start, opts: HeadOpts):
+    def update(dh, dw, h, dr, w, start, r0, opts: HeadOpts):
         rows, chunk = dr.shape
         d = h.shape[1]
-        off = jnp.stack([start]).astype(jnp.int32)
+        off = jnp.stack([start, r0]).astype(jnp.int32)
         geo = dict(rows=rows, d=d, vocab=w.shape[xla.vocab_axis(opts)], chunk=chunk, bm=bm, bn=bn, bk=bk,
                    w_vd=opts.w_vd)
         dh = pl.pallas_call(
@@ -472,16 +476,16 @@ def backward(
         rg_present=present, opts=opts,
     )
 
-    def dlogits(h_, hr_, rg_, start, lo):
-        args = [h_, w]
-        in_specs = [pl.BlockSpec((bn, d), lambda i, j: (i, 0)), pl.no_block_spec]
+    def dlogits(h_, hr_, rg_, start, lo, r0):
+        args = [h_, w]  # the whole of h: the kernel reads the group's rows from r0
+        in_specs = [pl.no_block_spec, pl.no_block_spec]
         if opts.with_kl:
             if not shares_x:
                 args.append(hr_)
-                in_specs.append(pl.BlockSpec((bn, hr_.shape[1]), lambda i, j: (i, 0)))
+                in_specs.append(pl.no_block_spec)
             args.append(wr)
             in_specs.append(pl.no_block_spec)
-        args.append(jnp.stack([start, lo]).astype(jnp.int32))
+        args.append(jnp.stack([start, lo, r0]).astype(jnp.int32))
         in_specs.append(pl.no_block_spec)
         args += [_pad_rows(getattr(rg_, f)[:, 0], n_pad, -1 if f in ("targets", "sidx") else 0) for f in present]
         in_specs += [pl.BlockSpec((bn,), lambda i, j: (i,)) for _ in present]

@@ -407,10 +407,15 @@ def chunked_forward(h, w, hr, wr, targets, row_hash, opts: HeadOpts, *, block_v:
 
 def default_bwd_rows(num_rows: int, hidden: int, vocab: int, itemsize: int) -> int:
     """Rows per backward group for ``bwd_rows="auto"``: all of them unless the
-    float32 ``d_hidden`` accumulator (``4 N d`` bytes) would exceed 2% of the
+    float32 ``d_hidden`` accumulator (``4 N d`` bytes) would exceed 3% of the
     gradients' own storage ``itemsize (N + V) d``; then the largest power of two
-    (>= 256) that fits.  Float32 inputs never split (no rounding to save)."""
-    budget = 0.02 * itemsize * (num_rows + vocab) * hidden
+    (>= 256) that fits.  Float32 inputs never split (no rounding to save).
+
+    3% leaves room for one ``[R, 2048]`` bf16 dlogits chunk under the 5% of issue
+    #7's memory target; both bench shapes get 2048 rows.  Fewer rows cost time:
+    on an H100 (N=8192, d=2048, V=128256, pallas_gpu fwd+bwd) 1024 rows took
+    47.4 ms, 2048 rows 39.9 ms, one group 33.6 ms."""
+    budget = 0.03 * itemsize * (num_rows + vocab) * hidden
     if itemsize >= 4 or 4 * num_rows * hidden <= budget:
         return num_rows
     rows = max(256, int(budget // (4 * hidden)))
@@ -430,10 +435,12 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
     Per vocab chunk ``c``: ``dr_c = dlogits(h, W_c)`` (``[R, vc]``),
     ``d_h += dr_c @ W_c^T`` (float32 carry ``[R, d]``) and
     ``d_W[:, c] += h^T @ dr_c`` in place, in the weight dtype (the GEMM
-    accumulates in float32).  ``dlogits_fn(h, hr, rg, start, valid_lo)`` may
+    accumulates in float32).  ``dlogits_fn(h, hr, rg, start, valid_lo, r0)`` may
     replace the XLA recompute (the Pallas GPU backend fuses it into one kernel
-    that reads ``W`` in place), and ``update_fn(dh, dw, h, dr, w, start, opts)`` the
-    two GEMM updates (default :func:`gemm_update`, the cuBLAS/XLA one).
+    that reads ``W`` in place), and ``update_fn(dh, dw, h, dr, w, start, r0, opts)``
+    the two GEMM updates (default :func:`gemm_update`, the cuBLAS/XLA one).  Both
+    get the full ``h`` / ``hr`` and the group's first row ``r0``, the group's
+    ``rg`` / ``dh`` and ``dr``: a kernel can read the rows in place.
 
     ``acc_dtype``: dtype of the ``d_h`` accumulator (float32; ``h.dtype`` saves
     its ``4 N d`` bytes at the cost of one rounding per vocab chunk, as CCE's
@@ -448,10 +455,10 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
     """
     n = h.shape[0]
     rows = n if bwd_rows is None else max(1, min(int(bwd_rows), n))
-    vocab_backward = functools.partial(_vocab_backward, block_v=block_v, dlogits_fn=dlogits_fn,
+    vocab_backward = functools.partial(_vocab_backward, block_v=block_v, rows=rows, dlogits_fn=dlogits_fn,
                                        update_fn=update_fn, acc_dtype=acc_dtype, unroll=unroll)
     if rows == n:
-        dh, dw = vocab_backward(h, w, hr, wr, rg, opts, jnp.zeros_like(w))
+        dh, dw = vocab_backward(h, w, hr, wr, rg, opts, jnp.zeros_like(w), jnp.int32(0))
         return dh.astype(h.dtype), dw
 
     def take(tree, r0):
@@ -460,11 +467,11 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
     if n % rows == 0:
 
         def tiled(dw, gi):
-            hg, hrg, rg_g = take((h, hr, rg), gi * rows)
-            dh_g, dw = vocab_backward(hg, w, hrg, wr, rg_g, opts, dw)
+            r0 = gi * rows
+            dh_g, dw = vocab_backward(h, w, hr, wr, take(rg, r0), opts, dw, r0)
             return dw, dh_g.astype(h.dtype)  # a scan output: written in place into d_h
 
-        dw, dh = lax.scan(tiled, jnp.zeros_like(w), jnp.arange(n // rows))
+        dw, dh = lax.scan(tiled, jnp.zeros_like(w), jnp.arange(n // rows, dtype=jnp.int32))
         return dh.reshape(h.shape), dw
 
     def group(gi, carry):
@@ -472,18 +479,26 @@ def chunked_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *, block_v: int,
         lo = gi * rows
         r0 = jnp.minimum(lo, n - rows)
         keep = (r0 + jnp.arange(rows))[:, None] >= lo
-        hg, hrg, rg_g, old = take((h, hr, rg, dh), r0)
-        dh_g, dw = vocab_backward(hg, w, hrg, wr, _zero_rows(rg_g, keep), opts, dw)
+        rg_g, old = take((rg, dh), r0)
+        dh_g, dw = vocab_backward(h, w, hr, wr, _zero_rows(rg_g, keep), opts, dw, r0)
         dh_g = jnp.where(keep, dh_g.astype(dh.dtype), old)
         return lax.dynamic_update_slice_in_dim(dh, dh_g, r0, axis=0), dw
 
     return lax.fori_loop(0, -(-n // rows), group, (jnp.zeros_like(h), jnp.zeros_like(w)))
 
 
-def gemm_update(dh, dw, h, dr, w, start, opts: HeadOpts):
+def _group_rows(x, r0, rows):
+    """Rows ``[r0, r0 + rows)`` of ``x`` (None stays None; all rows are not copied)."""
+    if x is None or rows == x.shape[0]:
+        return x
+    return lax.dynamic_slice_in_dim(x, r0, rows, axis=0)
+
+
+def gemm_update(dh, dw, h, dr, w, start, r0, opts: HeadOpts):
     """``dh += dr @ W_c^T`` (float32 sum, stored in ``dh``'s dtype) and ``dW[:, c] += h^T @ dr``
-    for the chunk at ``start``."""
-    vc, ax = dr.shape[1], vocab_axis(opts)
+    for the chunk at ``start`` and the group of rows at ``r0``."""
+    (rows, vc), ax = dr.shape, vocab_axis(opts)
+    h = _group_rows(h, r0, rows)
     w_c = lax.dynamic_slice_in_dim(w, start, vc, axis=ax).astype(dr.dtype)
     prod = lax.dot_general(dr, w_c, (((1,), (ax,)), ((), ())), preferred_element_type=jnp.float32)
     dh = (dh.astype(jnp.float32) + prod).astype(dh.dtype)
@@ -496,10 +511,10 @@ def gemm_update(dh, dw, h, dr, w, start, opts: HeadOpts):
     return dh, lax.dynamic_update_slice_in_dim(dw, old + dw_c, start, axis=ax)
 
 
-def _vocab_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, dw, *, block_v, dlogits_fn, update_fn, acc_dtype,
-                    unroll):
-    """Scan over vocab chunks for one group of rows: (d_h of the rows in ``acc_dtype``, updated d_W)."""
-    n, d = h.shape
+def _vocab_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, dw, r0, *, block_v, rows, dlogits_fn, update_fn,
+                    acc_dtype, unroll):
+    """Scan over vocab chunks for the group of ``rows`` rows at ``r0``: (its d_h in ``acc_dtype``,
+    updated d_W)."""
     vocab = w.shape[vocab_axis(opts)]
     vc, num_chunks = _chunk_geometry(vocab, block_v)
     update_fn = update_fn or gemm_update
@@ -508,12 +523,13 @@ def _vocab_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, dw, *, block_v, d
         dh, dw = carry
         start, cols, valid = _chunk_cols(i, vc, vocab)
         if dlogits_fn is None:
-            z, zr = _chunk_logits(h, w, hr, wr, start, vc, opts)
+            hg, hrg = _group_rows(h, r0, rows), _group_rows(hr, r0, rows)
+            z, zr = _chunk_logits(hg, w, hrg, wr, start, vc, opts)
             dr = tile_dlogits(z, zr, valid, cols, rg, opts)
         else:
-            dr = dlogits_fn(h, hr, rg, start, i * vc)
-        return update_fn(dh, dw, h, dr.astype(h.dtype), w, start, opts), None
+            dr = dlogits_fn(h, hr, rg, start, i * vc, r0)
+        return update_fn(dh, dw, h, dr.astype(h.dtype), w, start, r0, opts), None
 
-    (dh, dw), _ = lax.scan(body, (jnp.zeros((n, d), acc_dtype), dw), jnp.arange(num_chunks, dtype=jnp.int32),
-                           unroll=unroll)
+    acc = jnp.zeros((rows, h.shape[1]), acc_dtype)
+    (dh, dw), _ = lax.scan(body, (acc, dw), jnp.arange(num_chunks, dtype=jnp.int32), unroll=unroll)
     return dh, dw
