@@ -53,7 +53,7 @@ bytes) and one vocabulary chunk.  ``bwd_rows=R`` walks the rows in groups of
 ``R`` so the accumulator shrinks to ``4 R d``; each extra group adds one
 rounding of ``d_weight`` in its dtype (bf16: relative error ~``2**-9`` per
 group; none for float32 weights).  ``bwd_rows="auto"`` picks ``R`` so the
-accumulator stays under 3% of the gradients' size
+accumulator stays under 3.5% of the gradients' size
 (:func:`xla.default_bwd_rows`); ``None`` (default) keeps one group.
 ``pallas_tpu`` ignores it (its backward accumulates in VMEM).
 

@@ -407,15 +407,15 @@ def chunked_forward(h, w, hr, wr, targets, row_hash, opts: HeadOpts, *, block_v:
 
 def default_bwd_rows(num_rows: int, hidden: int, vocab: int, itemsize: int) -> int:
     """Rows per backward group for ``bwd_rows="auto"``: all of them unless the
-    float32 ``d_hidden`` accumulator (``4 N d`` bytes) would exceed 3% of the
+    float32 ``d_hidden`` accumulator (``4 N d`` bytes) would exceed 3.5% of the
     gradients' own storage ``itemsize (N + V) d``; then the largest power of two
     (>= 256) that fits.  Float32 inputs never split (no rounding to save).
 
-    3% leaves room for one ``[R, 2048]`` bf16 dlogits chunk under the 5% of issue
+    3.5% leaves room for one ``[R, 2048]`` bf16 dlogits chunk under the 5% of issue
     #7's memory target; both bench shapes get 2048 rows.  Fewer rows cost time:
     on an H100 (N=8192, d=2048, V=128256, pallas_gpu fwd+bwd) 1024 rows took
     47.4 ms, 2048 rows 39.9 ms, one group 33.6 ms."""
-    budget = 0.03 * itemsize * (num_rows + vocab) * hidden
+    budget = 0.035 * itemsize * (num_rows + vocab) * hidden
     if itemsize >= 4 or 4 * num_rows * hidden <= budget:
         return num_rows
     rows = max(256, int(budget // (4 * hidden)))
