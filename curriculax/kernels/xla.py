@@ -517,18 +517,21 @@ def _vocab_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, dw, r0, *, block_
     updated d_W)."""
     vocab = w.shape[vocab_axis(opts)]
     vc, num_chunks = _chunk_geometry(vocab, block_v)
-    update_fn = update_fn or gemm_update
+    # XLA's own recompute / GEMMs take the group's rows once per group (dead code if both are custom)
+    hg, hrg = _group_rows(h, r0, rows), _group_rows(hr, r0, rows)
 
     def body(carry, i):
         dh, dw = carry
         start, cols, valid = _chunk_cols(i, vc, vocab)
         if dlogits_fn is None:
-            hg, hrg = _group_rows(h, r0, rows), _group_rows(hr, r0, rows)
             z, zr = _chunk_logits(hg, w, hrg, wr, start, vc, opts)
             dr = tile_dlogits(z, zr, valid, cols, rg, opts)
         else:
             dr = dlogits_fn(h, hr, rg, start, i * vc, r0)
-        return update_fn(dh, dw, h, dr.astype(h.dtype), w, start, r0, opts), None
+        dr = dr.astype(h.dtype)
+        if update_fn is None:
+            return gemm_update(dh, dw, hg, dr, w, start, 0, opts), None
+        return update_fn(dh, dw, h, dr, w, start, r0, opts), None
 
     acc = jnp.zeros((rows, h.shape[1]), acc_dtype)
     (dh, dw), _ = lax.scan(body, (acc, dw), jnp.arange(num_chunks, dtype=jnp.int32), unroll=unroll)
