@@ -63,7 +63,7 @@ def _parse_args(argv=None):
     ap.add_argument("--all-stats", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--pallas-blocks", default="128,128,64;64,256,32",
                     help="GPU only: extra pallas_gpu CE rows for these 'block_n,block_v,block_d;...' (first shape)")
-    ap.add_argument("--bwd-rows", default="auto,2048",
+    ap.add_argument("--bwd-rows", default="auto,1024",
                     help="extra CE rows of each fused impl with fused_lm_head(bwd_rows=...) for these values")
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)

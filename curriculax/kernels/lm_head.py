@@ -54,7 +54,9 @@ bytes) and one vocabulary chunk.  ``bwd_rows=R`` walks the rows in groups of
 rounding of ``d_weight`` in its dtype (bf16: relative error ~``2**-9`` per
 group; none for float32 weights).  ``bwd_rows="auto"`` picks ``R`` so the
 accumulator stays under 3.5% of the gradients' size
-(:func:`xla.default_bwd_rows`); ``None`` (default) keeps one group.
+(:func:`xla.default_bwd_rows`); ``None`` (default) keeps one group, the
+fastest.  On an H100, ``pallas_gpu`` with ``"auto"`` holds 1.04-1.045x the
+gradients' size in all (default: 1.21-1.35x) for 1.18-1.21x the time.
 ``pallas_tpu`` ignores it (its backward accumulates in VMEM).
 
 Implementations (``IMPLS``):
@@ -64,7 +66,8 @@ Implementations (``IMPLS``):
 ``xla_chunked`` ``lax.scan`` over vocab chunks, online logsumexp; portable,
                 the CPU default; O(N * block_v) temporaries
 ``pallas_gpu``  fused Triton forward; backward = fused Pallas ``dlogits`` per
-                vocab chunk + cuBLAS GEMMs (see ``pallas_gpu.py``)
+                vocab chunk + cuBLAS GEMMs (in-place Pallas GEMMs with row
+                groups; see ``pallas_gpu.py``)
 ``pallas_tpu``  fused Mosaic-TPU forward and backward (see ``pallas_tpu.py``)
 ``auto``        gpu -> pallas_gpu, tpu -> pallas_tpu, otherwise xla_chunked
 ==============  ==============================================================

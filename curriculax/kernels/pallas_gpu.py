@@ -32,11 +32,18 @@ multiplies the logit recomputation by ``d / bd``.  CCE / tokamax resolve it with
 atomic adds into ``d_h``/``d_W`` (bf16 lock-adds or an fp32 copy of ``d_W``);
 here the two big GEMMs go to cuBLAS and Pallas does the part XLA cannot fuse
 (matmul + softmax-gradient epilogue).  Extra memory: ``[N, vc]`` for ``dr_c``
-plus the fp32 ``d_h`` accumulator.  ``bwd_rows`` walks the rows in groups so
-the accumulator is ``[rows, d]``; ``gemm="pallas"`` replaces the two cuBLAS
-GEMMs by in-place Pallas GEMMs (:func:`pallas_update`), which leave no
-``[d, vc]`` product behind (written for the 1.05x memory target; not yet timed
-on a GPU: ``bench_fused_loss.py --sweep bwd`` measures it).
+plus the fp32 ``d_h`` accumulator.
+
+Row groups (``bwd_rows``) walk the rows in groups of ``R`` so the accumulator
+is ``[R, d]``; there the two GEMMs are in-place Pallas kernels
+(:func:`pallas_update`, ``input_output_aliases``) and every kernel reads the
+group's rows of ``h`` at an offset, so the backward's only temporaries are the
+``[R, d]`` accumulator and one ``[R, vc]`` dlogits chunk (1.045x the gradients
+on the first bench shape).  With one group cuBLAS stays: it was ~9% faster.
+
+The chunk offset is a runtime value; :func:`_chunk_start` tells Triton it is
+16-aligned, without which a ``[d, V]`` head is read without vector loads (the
+H100 backward took 36 ms instead of 24 ms).
 
 All per-tile math is shared with ``xla_chunked`` (``curriculax.kernels.xla``),
 so under ``interpret=True`` this backend reproduces ``xla_chunked`` to
@@ -44,14 +51,13 @@ rounding.  Block sizes must be powers of two >= 16 (Triton ``tl.dot``); the
 pipelining depth / inner ``block_d`` are reduced automatically to fit shared
 memory (:func:`_fit_smem`).
 
-Measured (jax 0.11.2, Triton 3.6; bf16, mean-CE objective, fwd+bwd;
-``experiments/results/fused_loss.md``): N=8192 d=2048 V=128256 on an H100:
-32.8 ms vs 44.0 ms xla_naive (0.75x), Apple's CCE 48.4 ms, Liger 34.4 ms;
-N=16384 d=1536 V=151936 on an H200: 62.9 ms vs 76.9 ms (0.82x).  Extra memory
-(temporaries + gradients) 1.21x / 1.29x the bf16 gradient size, dominated by
-the fp32 ``d_h`` accumulator (``bwd_rows`` trades it for time, see
-:func:`xla.chunked_backward`).  Compiled kernels match ``xla_naive`` to ~1e-6
-(fp32) with identical samples.
+Measured on H100s (jax 0.11.2, Triton 3.6; bf16, mean-CE objective, fwd+bwd;
+``experiments/results/fused_loss.md``): N=8192 d=2048 V=128256: 33.3 ms vs
+44.2 ms xla_naive (0.75x), Apple's CCE 48.4 ms, Liger 34.6 ms, extra memory
+1.21x the gradients; with ``bwd_rows="auto"`` 39.4 ms at 1.045x.  N=16384
+d=1536 V=151936: 64.0 ms vs 84.4-87.0 ms, CCE 66.3 ms, 1.35x; ``"auto"``
+77.3 ms at 1.040x.  Compiled kernels match ``xla_naive`` to ~1e-6 (fp32) with
+identical samples.
 """
 
 from __future__ import annotations
