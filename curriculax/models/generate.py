@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from curriculax.models.transformer import KVCache
+from curriculax.models.transformer import KVCache, head_logits
 
 
 @struct.dataclass
@@ -58,11 +58,12 @@ def decode_model(model, prompt_BxP, mask_BxP, rng, *, max_new_tokens: int, tempe
     positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
     cache = KVCache.init(cfg, b, p + max_new_tokens)
     hidden, cache = model(prompt_BxP, positions=positions, segment_ids=seg, cache=cache)
-    w = model.lm_head_weight()
+    w, layout = model.head_weight()  # as stored: no transposed copy of a tied embedding
+    w = w.astype(hidden.dtype)  # once per decode, not per token
 
     def step(carry, key):
         cache, h_Bxd, pos_B, done_B = carry
-        logits = jnp.dot(h_Bxd, w.astype(h_Bxd.dtype), preferred_element_type=jnp.float32)
+        logits = head_logits(h_Bxd, w, layout)
         token, logp = pick_token(logits, key, temperature, top_p)
         token = jnp.where(done_B, pad_id, token)
         emitted = ~done_B

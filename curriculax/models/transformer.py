@@ -47,6 +47,12 @@ def _apply_block(block, *args):
 _apply_block_remat = nnx.remat(_apply_block)
 
 
+def head_logits(hidden, w, layout: str) -> jax.Array:
+    """``hidden [..., d]`` times a head stored ``[d, V]`` ("dv") or ``[V, d]`` ("vd"), float32."""
+    spec = "...d,vd->...v" if layout == "vd" else "...d,dv->...v"
+    return jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32)
+
+
 class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -76,8 +82,10 @@ class Transformer(nnx.Module):
         return (w, stored) if layout in (None, stored) else (w.T, layout)
 
     def logits(self, hidden_BxTxd) -> jax.Array:
-        w = self.lm_head_weight().astype(hidden_BxTxd.dtype)
-        return jnp.einsum("btd,dv->btv", hidden_BxTxd, w, preferred_element_type=jnp.float32)
+        """Materialized float32 logits ``[..., V]`` (generation, metrics): the head is read as
+        stored, in the activations' dtype, like the fused kernel reads it."""
+        w, layout = self.head_weight()
+        return head_logits(hidden_BxTxd, w.astype(hidden_BxTxd.dtype), layout)
 
     def __call__(self, tokens_BxT, *, positions=None, segment_ids=None, cache: KVCache | None = None,
                  inputs_embeds=None, category=None):
