@@ -344,8 +344,8 @@ def _sweep(jax, jnp, n, d, v, iters, which="all"):
               lambda h_, w_, c=(bn, bv, bk, nw, ns, ch): pallas_gpu.backward(
                   h_, w_, None, None, rg, opts, block_n=c[0], block_v=c[1], block_d=c[2], num_warps=c[3],
                   num_stages=c[4], chunk_v=c[5]))
-    # The in-place Pallas GEMM updates: tiles first (one group), then row groups, the vocab-scan
-    # unroll and the bf16 d_h accumulator with the fastest tiles; the cuBLAS updates alongside.
+    # The in-place Pallas GEMM updates: tiles first (one group), then row groups and the bf16 d_h
+    # accumulator with the fastest tiles; the cuBLAS updates alongside.
     def bwd(label, **kw):
         timed(f"bwd pallas {label}", lambda h_, w_: pallas_gpu.backward(h_, w_, None, None, rg, opts, **kw))
         return rows[-1]["ms"]
@@ -367,12 +367,6 @@ def _sweep(jax, jnp, n, d, v, iters, which="all"):
         bwd(f"gemm=pallas {best} bwd_rows={r}", gemm="pallas", bwd_rows=r)
     bwd(f"gemm=pallas {best} acc=bf16 chunk=1024", gemm="pallas", acc_dtype=jnp.bfloat16, chunk_v=1024)
     return rows
-
-
-def pallas_gpu_config():
-    from curriculax.kernels import pallas_gpu
-
-    return pallas_gpu.GEMM_CONFIG
 
 
 def _cpu_model():
@@ -532,8 +526,10 @@ def main(argv=None):
         lines += ["", f"Component sweep ({'x'.join(map(str, shape))}, CE statistics only):", "",
                   _table(sweep_rows, ["component", "ms", "temp MiB", "1 + temp / (Nd+Vd)"])]
     if sweeps:
+        from curriculax.kernels import pallas_gpu
+
         lines.append(f"\nIn-place GEMM tiles of the `gemm=pallas` rows below (the sweep's fastest): "
-                     f"`{pallas_gpu_config()}`")
+                     f"`{pallas_gpu.GEMM_CONFIG}`")
     lines += ["", _table(rows, cols), "", f"(total wall time {time.perf_counter() - wall0:.0f} s)"]
     text = "\n".join(lines) + "\n"
     print(text)
