@@ -420,18 +420,16 @@ def pallas_update(*, interpret=False, blocks=None, num_warps=None, num_stages=No
         off = jnp.stack([start, r0]).astype(jnp.int32)
         geo = dict(rows=rows, d=d, vocab=w.shape[xla.vocab_axis(opts)], chunk=chunk, bm=bm, bn=bn, bk=bk,
                    w_vd=opts.w_vd)
-        dh = pl.pallas_call(
-            functools.partial(_dh_update_kernel, **geo), grid=(pl.cdiv(rows, bm), pl.cdiv(d, bn)),
-            in_specs=[pl.no_block_spec] * 4, out_specs=pl.no_block_spec,
-            out_shape=jax.ShapeDtypeStruct(dh.shape, dh.dtype), input_output_aliases={3: 0},
-            compiler_params=params, interpret=interpret, name="lm_head_dh_update",
-        )(dr, w, off, dh)
-        dw = pl.pallas_call(
-            functools.partial(_dw_update_kernel, **geo), grid=(pl.cdiv(d, bm), pl.cdiv(chunk, bn)),
-            in_specs=[pl.no_block_spec] * 4, out_specs=pl.no_block_spec,
-            out_shape=jax.ShapeDtypeStruct(dw.shape, dw.dtype), input_output_aliases={3: 0},
-            compiler_params=params, interpret=interpret, name="lm_head_dw_update",
-        )(h, dr, off, dw)
+
+        def in_place(kernel, grid, name, x, y, acc):  # acc, the 4th operand, is updated in place
+            return pl.pallas_call(
+                functools.partial(kernel, **geo), grid=grid, in_specs=[pl.no_block_spec] * 4,
+                out_specs=pl.no_block_spec, out_shape=jax.ShapeDtypeStruct(acc.shape, acc.dtype),
+                input_output_aliases={3: 0}, compiler_params=params, interpret=interpret, name=name,
+            )(x, y, off, acc)
+
+        dh = in_place(_dh_update_kernel, (pl.cdiv(rows, bm), pl.cdiv(d, bn)), "lm_head_dh_update", dr, w, dh)
+        dw = in_place(_dw_update_kernel, (pl.cdiv(d, bm), pl.cdiv(chunk, bn)), "lm_head_dw_update", h, dr, dw)
         return dh, dw
 
     return update
