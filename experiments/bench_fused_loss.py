@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -65,6 +66,9 @@ def _parse_args(argv=None):
                     help="GPU only: extra pallas_gpu CE rows for these 'block_n,block_v,block_d;...' (first shape)")
     ap.add_argument("--bwd-rows", default="auto,1024",
                     help="extra CE rows of each fused impl with fused_lm_head(bwd_rows=...) for these values")
+    ap.add_argument("--grad-filter-eps", type=float, default=2.0**-12,
+                    help="extra pallas_gpu CE rows with fused_lm_head(grad_filter_eps=...) (0: none); "
+                         "2**-12 is CCE's filter_eps='auto' for bf16")
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--sweep", nargs="?", const="all", default=None, choices=["all", "bwd"],
@@ -102,6 +106,9 @@ def _torch_worker(spec: str) -> None:
         from cut_cross_entropy import linear_cross_entropy
 
         refs["cce (torch)"] = lambda: linear_cross_entropy(h, w, t, reduction="mean")
+        # its default filter_eps="auto" skips the update GEMMs of near-zero tiles (grad_filter.md)
+        refs["cce (torch) filter_eps=None"] = lambda: linear_cross_entropy(h, w, t, reduction="mean",
+                                                                           filter_eps=None)
     except Exception as e:  # noqa: BLE001
         print(json.dumps({"impl": "cce (torch)", "error": f"not available: {type(e).__name__}: {e}"[:200]}))
 
@@ -157,7 +164,7 @@ def _run_torch_refs(n, d, v, iters):
 # ----------------------------------------------------------------------------
 
 
-def _jax_cases(jax, jnp, n, d, v, all_stats, impls, on_gpu, sweep=(), bwd_rows=()):
+def _jax_cases(jax, jnp, n, d, v, all_stats, impls, on_gpu, sweep=(), bwd_rows=(), grad_filter=None):
     from curriculax.kernels import fused_lm_head
 
     cases = []
@@ -186,6 +193,16 @@ def _jax_cases(jax, jnp, n, d, v, all_stats, impls, on_gpu, sweep=(), bwd_rows=(
                 return -jnp.mean(s.target_logprob)
 
             cases.append((f"{name} bwd_rows={rows}", ce_rows, None))
+        for rows in (None, *bwd_rows) if (grad_filter and name == "pallas_gpu") else ():
+
+            def ce_filtered(h, w, t, rows=rows):
+                s = fused_lm_head(h, w, t, impl="pallas_gpu", interpret=False, bwd_rows=rows,
+                                  grad_filter_eps=grad_filter)
+                return -jnp.mean(s.target_logprob)
+
+            label = "" if rows is None else f" bwd_rows={rows}"
+            cases.append((f"pallas_gpu{label} grad_filter_eps={grad_filter:.3g}", ce_filtered,
+                          "approximate, like CCE's default"))
         if name != "xla_naive":
 
             def ce_vd(h, w_vd, t, name=name):  # the head stored [V, d] (a tied embedding), read in place
@@ -243,7 +260,7 @@ def _gpu_check(jax, jnp):
     """pallas_gpu (compiled Triton) vs xla_naive on the GPU; returns markdown lines."""
     import numpy as np
 
-    from curriculax.kernels import fused_lm_head
+    from curriculax.kernels import fused_lm_head, pallas_gpu, xla
 
     lines = []
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -266,6 +283,20 @@ def _gpu_check(jax, jnp):
             res = {}
             variants = {"xla_naive": ("xla_naive", None), "pallas_gpu": ("pallas_gpu", None),
                         "pallas_gpu bwd_rows=256": ("pallas_gpu", 256), "xla_chunked": ("xla_chunked", None)}
+            # the filtered backward's GEMMs skip exactly the tiles its dlogits kernel zeroes:
+            # compiled skip loops (gemm=pallas) against cuBLAS on the zeroed tiles (gemm=xla)
+            opts = xla.HeadOpts(softcap=20.0)
+            ok = t >= 0
+            st = xla.finalize(xla.chunked_forward(h, w, None, None, t[:, None], None, opts, block_v=1024), opts)
+            rg = xla.row_grad(st, {"target_logprob": cts[0]}, jnp.where(ok, t, -1), None, ok, opts)
+            filt = {gemm: jax.jit(functools.partial(pallas_gpu.backward, hr=None, wr=None, rg=rg, opts=opts,
+                                                    bwd_rows=256, gemm=gemm, grad_filter_eps=1e-3))(h, w)
+                    for gemm in ("pallas", "xla")}
+            ferr = [float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+                          / np.linalg.norm(np.asarray(b, np.float64))) for a, b in zip(filt["pallas"], filt["xla"])]
+            lines.append(f"- check pallas_gpu grad_filter_eps=1e-3 skip loops vs zeroed tiles through cuBLAS "
+                         f"({jnp.dtype(dtype).name}): rel err d_h {ferr[0]:.2e} d_W {ferr[1]:.2e}")
+            print(lines[-1], flush=True)
             for key, (impl, rows) in variants.items():
                 res[key] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
                                    static_argnums=(2, 3))(h, w, impl, rows)
@@ -374,6 +405,10 @@ def _sweep(jax, jnp, n, d, v, iters, which="all"):
         bwd(f"gemm=pallas tiles={bm},{bn},{bk} warps={nw} stages={ns} bwd_rows=2048", gemm="pallas", bwd_rows=2048,
             gemm_config=dict(blocks=(bm, bn, bk), num_warps=nw, num_stages=ns))
     bwd("gemm=pallas bwd_rows=2048 dlogits bn=128 bv=256", gemm="pallas", bwd_rows=2048, block_n=128, block_v=256)
+    # CCE's approximation: skip the update GEMMs of tiles whose probabilities are all < 2**-12
+    for r in (None, 2048):
+        bwd(f"gemm=pallas {best} bwd_rows={r} grad_filter_eps=2**-12", gemm="pallas", bwd_rows=r,
+            grad_filter_eps=2.0**-12)
     return rows
 
 
@@ -469,7 +504,8 @@ def main(argv=None):
         if on_gpu and (n, d, v) == shapes[0] and args.pallas_blocks:
             sweep = [tuple(int(x) for x in c.split(",")) for c in args.pallas_blocks.split(";") if c.strip()]
         bwd_rows = [r if r == "auto" else int(r) for r in args.bwd_rows.split(",") if r.strip()]
-        for name, fn, note in _jax_cases(jax, jnp, n, d, v, args.all_stats, impls, on_gpu, sweep, bwd_rows):
+        for name, fn, note in _jax_cases(jax, jnp, n, d, v, args.all_stats, impls, on_gpu, sweep, bwd_rows,
+                                         args.grad_filter_eps or None):
             row = {"N x d x V": shape_s, "impl": name}
             if fn is None:
                 rows.append({**row, "note": note})

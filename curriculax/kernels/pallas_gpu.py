@@ -320,7 +320,22 @@ def _chunk_start(off_ref, vocab):
     return pl.multiple_of(start, align) if align > 1 else start
 
 
-def _dlogits_kernel(*refs, n_rows, vocab, chunk, bn, bv, bk, shares_x, rg_present, opts: HeadOpts):
+def _tile_is_live(z, zr, valid, row_ok, cols, rg: RowGrad, opts: HeadOpts, log_eps: float):
+    """Does the tile carry gradient above the filter?  CCE's rule (``filter_eps``), generalized:
+    some softmax probability (of either head when a KL is asked for) is ``>= eps``, or the tile
+    holds a row's target or sampled token (their one-hot terms).  Every other term of
+    :func:`xla.tile_dlogits` is a multiple of ``p`` (or ``p_ref``)."""
+    hot = (z - rg.lse >= log_eps) | (cols == rg.targets)
+    if opts.with_kl:
+        hot = hot | (zr - rg.lse_r >= log_eps)
+    if opts.with_sample:
+        hot = hot | (cols == rg.sidx)
+    hot = hot & valid & row_ok[:, None]
+    return jnp.max(jnp.max(hot.astype(jnp.int32), axis=1), axis=0)
+
+
+def _dlogits_kernel(*refs, n_rows, vocab, chunk, bn, bv, bk, shares_x, rg_present, opts: HeadOpts,
+                    log_eps=None):
     it = iter(refs)
     x_ref, w_ref = next(it), next(it)
     xr_ref = wr_ref = None
@@ -330,6 +345,7 @@ def _dlogits_kernel(*refs, n_rows, vocab, chunk, bn, bv, bk, shares_x, rg_presen
     off_ref = next(it)
     rg = RowGrad(**{f: (next(it)[...][:, None] if f in rg_present else None) for f in _RG_FIELDS})
     o_ref = next(it)
+    live_ref = next(it, None)
 
     i, j = pl.program_id(0), pl.program_id(1)
     rows = i * bn + jnp.arange(bn)
@@ -344,6 +360,11 @@ def _dlogits_kernel(*refs, n_rows, vocab, chunk, bn, bv, bk, shares_x, rg_presen
     )
     valid = (in_chunk & (cols >= lo) & (cols < vocab))[None, :]
     dr = xla.tile_dlogits(z, zr, valid, cols[None, :], rg, opts)
+    if log_eps is not None:
+        live = _tile_is_live(z, zr, valid, row_ok, cols[None, :], rg, opts, log_eps)
+        dr = jnp.where(live > 0, dr, 0.0)  # zeros too, so that a GEMM that reads the tile agrees
+        if live_ref is not None:
+            live_ref[...] = jnp.full((1, 1), live, jnp.int32)
     plgpu.store(
         o_ref.at[pl.ds(i * bn, bn), pl.ds(j * bv, bv)],
         dr.astype(o_ref.dtype),
@@ -356,9 +377,46 @@ def _load2(ref, r0, nr, r_ok, c0, nc, c_ok):
     return plgpu.load(ref.at[pl.ds(r0, nr), pl.ds(c0, nc)], mask=r_ok[:, None] & c_ok[None, :], other=0)
 
 
-def _dh_update_kernel(dr_ref, w_ref, off_ref, _, acc_ref, *, rows, d, vocab, chunk, bm, bn, bk, w_vd):
+def _k_loop(body, acc, n_steps, live):
+    """``fori_loop`` of ``body(k, acc)`` over the K steps, or (``live = (n, k_of)`` from
+    :func:`_live_steps`) over the steps of live dlogits tiles only."""
+    if live is None:
+        return lax.fori_loop(0, n_steps, body, acc)
+    n_live, k_of = live
+    return lax.fori_loop(0, n_live, lambda s, a: body(k_of(s), a), acc)
+
+
+def _live_steps(live_ref, lane_axis, other0, n_other, steps_per):
+    """``(n, k_of)``: the GEMM's K steps that fall in live dlogits tiles.
+
+    ``live_ref`` holds one flag per dlogits tile (``[row tiles, column tiles]``); the K axis runs
+    along ``lane_axis``, and a tile counts as live if any of the ``n_other`` flags from ``other0``
+    on the other axis (the output tile's rows or columns) is set.  Each live tile spans
+    ``steps_per`` K steps; ``k_of(s)`` is the ``s``-th live step (a running count picks the
+    tile), so the loop is one pipelined ``for`` with a dynamic trip count."""
+    n_lane, n_oth = live_ref.shape[lane_axis], live_ref.shape[1 - lane_axis]
+    p = pl.next_power_of_2(n_lane)
+    lane_ok = jnp.arange(p) < n_lane
+    oth_ok = (other0 + jnp.arange(n_other)) < n_oth
+    if lane_axis == 1:
+        live = jnp.max(_load2(live_ref, other0, n_other, oth_ok, 0, p, lane_ok), axis=0)
+    else:
+        live = jnp.max(_load2(live_ref, 0, p, lane_ok, other0, n_other, oth_ok), axis=1)
+    seen = jnp.cumsum(live)
+
+    def k_of(s):  # lax.div / rem: jnp's floor division does not lower to Triton here
+        per = jnp.int32(steps_per)
+        tile = jnp.sum((seen <= lax.div(s, per)).astype(jnp.int32))
+        return tile * per + lax.rem(s, per)
+
+    return jnp.sum(live) * steps_per, k_of
+
+
+def _dh_update_kernel(*refs, rows, d, vocab, chunk, bm, bn, bk, w_vd, live_tile):
     """``acc[R, d] += dr[R, chunk] @ W_chunk^T`` on one ``[bm, bn]`` tile, in place (float32 sum,
-    one rounding to ``acc``'s dtype)."""
+    one rounding to ``acc``'s dtype).  With ``live_tile`` (the dlogits tile) the K loop visits
+    only the live tiles' columns."""
+    dr_ref, w_ref, off_ref, *live_ref, _, acc_ref = refs
     i, j = pl.program_id(0), pl.program_id(1)
     r_ok = (i * bm + jnp.arange(bm)) < rows
     c_ok = (j * bn + jnp.arange(bn)) < d
@@ -371,16 +429,21 @@ def _dh_update_kernel(dr_ref, w_ref, off_ref, _, acc_ref, *, rows, d, vocab, chu
             return acc + _tile_dot(a, _load2(w_ref, start + k * bk, bk, k_ok, j * bn, bn, c_ok), ((1,), (0,)))
         return acc + _tile_dot(a, _load2(w_ref, j * bn, bn, c_ok, start + k * bk, bk, k_ok), ((1,), (1,)))
 
+    live = None
+    if live_tile is not None:  # K = the chunk's columns; this tile's rows pick the flag rows
+        fr, fc = live_tile
+        live = _live_steps(live_ref[0], 1, (i * bm) // fr, max(1, bm // fr), fc // bk)
     acc = _load2(acc_ref, i * bm, bm, r_ok, j * bn, bn, c_ok).astype(jnp.float32)
-    acc = lax.fori_loop(0, pl.cdiv(chunk, bk), body, acc)
+    acc = _k_loop(body, acc, pl.cdiv(chunk, bk), live)
     plgpu.store(acc_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc.astype(acc_ref.dtype),
                 mask=r_ok[:, None] & c_ok[None, :])
 
 
-def _dw_update_kernel(h_ref, dr_ref, off_ref, _, dw_ref, *, rows, d, vocab, chunk, bm, bn, bk, w_vd):
+def _dw_update_kernel(*refs, rows, d, vocab, chunk, bm, bn, bk, w_vd, live_tile):
     """``dW_chunk += h^T @ dr`` on one ``[bm (d), bn (vocab)]`` tile (stored transposed for a
     ``[V, d]`` head), in place; float32 sum over the group's rows, one rounding to the weight
-    dtype."""
+    dtype.  With ``live_tile`` the K loop (the rows) visits only the live dlogits tiles."""
+    h_ref, dr_ref, off_ref, *live_ref, _, dw_ref = refs
     i, j = pl.program_id(0), pl.program_id(1)
     d_ok = (i * bm + jnp.arange(bm)) < d
     c_ok = (j * bn + jnp.arange(bn)) < chunk
@@ -392,10 +455,15 @@ def _dw_update_kernel(h_ref, dr_ref, off_ref, _, dw_ref, *, rows, d, vocab, chun
         b = _load2(dr_ref, k * bk, bk, k_ok, j * bn, bn, c_ok)
         return acc + (_tile_dot(b, a, ((0,), (0,))) if w_vd else _tile_dot(a, b, ((0,), (0,))))
 
+    live = None
+    if live_tile is not None:  # K = the group's rows; this tile's columns pick the flag columns
+        fr, fc = live_tile
+        live = _live_steps(live_ref[0], 0, (j * bn) // fc, max(1, bn // fc), fr // bk)
     # the tile sits at (d, vocab) in a [d, V] head, at (vocab, d) in a [V, d] one
     d_side, v_side = (i * bm, bm, d_ok), (start + j * bn, bn, c_ok)
     (r0, nr, r_ok), (c0, nc, col_ok) = (v_side, d_side) if w_vd else (d_side, v_side)
-    acc = lax.fori_loop(0, pl.cdiv(rows, bk), body, _load2(dw_ref, r0, nr, r_ok, c0, nc, col_ok).astype(jnp.float32))
+    acc = _load2(dw_ref, r0, nr, r_ok, c0, nc, col_ok).astype(jnp.float32)
+    acc = _k_loop(body, acc, pl.cdiv(rows, bk), live)
     plgpu.store(dw_ref.at[pl.ds(r0, nr), pl.ds(c0, nc)], acc.astype(dw_ref.dtype), mask=r_ok[:, None] & col_ok[None, :])
 
 
@@ -405,31 +473,40 @@ def _dw_update_kernel(h_ref, dr_ref, off_ref, _, dw_ref, *, rows, d, vocab, chun
 GEMM_CONFIG = dict(blocks=(128, 256, 64), num_warps=8, num_stages=3)
 
 
-def pallas_update(*, interpret=False, blocks=None, num_warps=None, num_stages=None):
+def pallas_update(*, interpret=False, blocks=None, num_warps=None, num_stages=None, live_tile=None):
     """An ``update_fn`` for :func:`xla.chunked_backward` that does both GEMM updates in place
     (``input_output_aliases``): no ``[d, chunk]`` product or weight-slice temporaries.
-    Unset tile options come from :data:`GEMM_CONFIG`."""
+    Unset tile options come from :data:`GEMM_CONFIG`.  ``live_tile``: the ``(rows, columns)`` of
+    the dlogits tiles whose live flags come with ``dr`` as ``(dr, flags)`` (gradient filtering);
+    the GEMMs then skip the K steps of dead tiles."""
     bm, bn, bk = blocks or GEMM_CONFIG["blocks"]
     num_warps = num_warps or GEMM_CONFIG["num_warps"]
     num_stages = num_stages or GEMM_CONFIG["num_stages"]
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
     def update(dh, dw, h, dr, w, start, r0, opts: HeadOpts):
+        live = ()
+        if isinstance(dr, tuple):  # (dr, live flags) from a filtering dlogits kernel
+            dr, live = dr[0], (dr[1],)
         rows, chunk = dr.shape
         d = h.shape[1]
         off = jnp.stack([start, r0]).astype(jnp.int32)
-        geo = dict(rows=rows, d=d, vocab=w.shape[xla.vocab_axis(opts)], chunk=chunk, bm=bm, bn=bn, bk=bk,
-                   w_vd=opts.w_vd)
+        geo = dict(rows=rows, d=d, vocab=w.shape[xla.vocab_axis(opts)], chunk=chunk, bm=bm, bn=bn,
+                   w_vd=opts.w_vd, live_tile=live_tile if live else None)
 
-        def in_place(kernel, grid, name, x, y, acc):  # acc, the 4th operand, is updated in place
+        def in_place(kernel, grid, name, x, y, acc, bk_):  # acc, the last operand, is updated in place
+            args = (x, y, off, *live, acc)
             return pl.pallas_call(
-                functools.partial(kernel, **geo), grid=grid, in_specs=[pl.no_block_spec] * 4,
+                functools.partial(kernel, bk=bk_, **geo), grid=grid, in_specs=[pl.no_block_spec] * len(args),
                 out_specs=pl.no_block_spec, out_shape=jax.ShapeDtypeStruct(acc.shape, acc.dtype),
-                input_output_aliases={3: 0}, compiler_params=params, interpret=interpret, name=name,
-            )(x, y, off, acc)
+                input_output_aliases={len(args) - 1: 0}, compiler_params=params, interpret=interpret, name=name,
+            )(*args)
 
-        dh = in_place(_dh_update_kernel, (pl.cdiv(rows, bm), pl.cdiv(d, bn)), "lm_head_dh_update", dr, w, dh)
-        dw = in_place(_dw_update_kernel, (pl.cdiv(d, bm), pl.cdiv(chunk, bn)), "lm_head_dw_update", h, dr, dw)
+        # skipping works in whole dlogits tiles: a K step must not straddle two
+        bk_dh, bk_dw = (min(bk, live_tile[1]), min(bk, live_tile[0])) if live else (bk, bk)
+        dh = in_place(_dh_update_kernel, (pl.cdiv(rows, bm), pl.cdiv(d, bn)), "lm_head_dh_update", dr, w, dh, bk_dh)
+        dw = in_place(_dw_update_kernel, (pl.cdiv(d, bm), pl.cdiv(chunk, bn)), "lm_head_dw_update", h, dr, dw,
+                      bk_dw)
         return dh, dw
 
     return update
@@ -446,19 +523,24 @@ def default_chunk_v(num_rows: int, vocab: int) -> int:
 def backward(
     h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *,
     block_n=None, block_v=None, block_d=None, chunk_v=None, bwd_rows=None, gemm=None, gemm_config=None,
-    acc_dtype=jnp.float32, unroll=1, interpret=False, num_warps=None, num_stages=3,
+    grad_filter_eps=None, acc_dtype=jnp.float32, unroll=1, interpret=False, num_warps=None, num_stages=3,
 ):
     """``(d_hidden, d_weight)``: Pallas-fused ``dlogits`` per vocab chunk + two GEMM updates.
 
     ``bwd_rows``, ``acc_dtype``, ``unroll``: see :func:`xla.chunked_backward`.
     ``gemm``: ``"xla"`` (cuBLAS through XLA) or ``"pallas"`` (:func:`pallas_update`: in place,
-    for the smallest footprint); None: ``"pallas"`` when row groups are asked for (the point of
-    them is memory), else ``"xla"``.  ``gemm_config``: ``pallas_update`` keyword arguments.
+    for the smallest footprint); None: ``"pallas"`` when row groups or gradient filtering are
+    asked for, else ``"xla"``.  ``gemm_config``: ``pallas_update`` keyword arguments.
+
+    ``grad_filter_eps``: CCE-style gradient filtering.  A dlogits tile whose probabilities are
+    all ``< eps`` (both heads' with a KL) and which holds no target or sampled token is zeroed,
+    and the in-place GEMMs skip its K steps (with ``gemm="xla"`` it is zeroed only: cuBLAS
+    multiplies the zeros).  Approximate: see :func:`curriculax.kernels.fused_lm_head`.
     """
     n, d = h.shape
     vocab = w.shape[xla.vocab_axis(opts)]
     rows = n if bwd_rows is None else max(1, min(int(bwd_rows), n))
-    gemm = gemm or ("pallas" if rows < n else "xla")
+    gemm = gemm or ("pallas" if rows < n or grad_filter_eps is not None else "xla")
     if gemm not in ("xla", "pallas"):
         raise ValueError(f"gemm must be 'xla' or 'pallas', got {gemm!r}")
     if chunk_v is None:  # chosen for all N rows: a row group's [rows, chunk] dlogits stay as small
@@ -475,10 +557,17 @@ def backward(
     shares_x = hr is None
     cdt = h.dtype  # dlogits in the compute dtype, like the GEMMs that read them
     present = tuple(f for f in _RG_FIELDS if getattr(rg, f) is not None)
+    log_eps = None if grad_filter_eps is None else math.log(grad_filter_eps)
+    flags = log_eps is not None and gemm == "pallas"  # live flags only help a GEMM that can skip
+    grid = (nb, pl.cdiv(chunk, bv))
     kernel = functools.partial(
         _dlogits_kernel, n_rows=rows, vocab=vocab, chunk=chunk, bn=bn, bv=bv, bk=bk, shares_x=shares_x,
-        rg_present=present, opts=opts,
+        rg_present=present, opts=opts, log_eps=log_eps,
     )
+    out_shape, out_specs = jax.ShapeDtypeStruct((rows, chunk), cdt), pl.no_block_spec
+    if flags:
+        out_shape = (out_shape, jax.ShapeDtypeStruct(grid, jnp.int32))
+        out_specs = (out_specs, pl.BlockSpec((1, 1), lambda i, j: (i, j)))
 
     def dlogits(h_, hr_, rg_, start, lo, r0):
         args = [h_, w]  # the whole of h: the kernel reads the group's rows from r0
@@ -495,15 +584,17 @@ def backward(
         in_specs += [pl.BlockSpec((bn,), lambda i, j: (i,)) for _ in present]
         return pl.pallas_call(
             kernel,
-            grid=(nb, pl.cdiv(chunk, bv)),
+            grid=grid,
             in_specs=in_specs,
-            out_specs=pl.no_block_spec,
-            out_shape=jax.ShapeDtypeStruct((rows, chunk), cdt),
+            out_specs=out_specs,
+            out_shape=out_shape,
             compiler_params=plgpu.CompilerParams(num_warps=_warps(num_warps, bn, bv), num_stages=num_stages),
             interpret=interpret,
             name="lm_head_dlogits",
         )(*args)
 
-    update = pallas_update(interpret=interpret, **(gemm_config or {})) if gemm == "pallas" else None
+    update = None
+    if gemm == "pallas":
+        update = pallas_update(interpret=interpret, live_tile=(bn, bv) if flags else None, **(gemm_config or {}))
     return xla.chunked_backward(h, w, hr, wr, rg, opts, block_v=chunk, bwd_rows=rows, dlogits_fn=dlogits,
                                 update_fn=update, acc_dtype=acc_dtype, unroll=unroll)

@@ -59,7 +59,7 @@ def sharded_lm_head(hidden, weight, targets, *, mesh: Mesh,
                     where=None, logit_softcap: Optional[float] = None, ref_weight=None,
                     ref_hidden=None, kl_direction: str = "policy_ref", sample_rng=None,
                     temperature: float = 1.0, block_n=None, block_v=None, block_d=None,
-                    bwd_rows=None, weight_layout: str = "dv", impl: str = "auto",
+                    bwd_rows=None, grad_filter_eps=None, weight_layout: str = "dv", impl: str = "auto",
                     interpret=None) -> LMHeadStats:
     """:func:`curriculax.kernels.fused_lm_head` with rows and vocab split over ``mesh``."""
     vd = weight_layout == "vd"
@@ -75,7 +75,8 @@ def sharded_lm_head(hidden, weight, targets, *, mesh: Mesh,
         cols = ()  # these statistics need every column of a row on one device
     targets, valid = lm_head._valid_targets(targets, vocab, where)
     row_hash = gumbel.noise_row_hash(sample_rng, n) if opts.with_sample else None
-    blocks = (block_n, block_v, block_d, bwd_rows)
+    lm_head.check_grad_filter_eps(grad_filter_eps)
+    blocks = (block_n, block_v, block_d, bwd_rows, grad_filter_eps)
     rspec, cspec = _spec(rows), _spec(cols)
     row_in, w_in = P(rspec, None), (P(cspec, None) if vd else P(None, cspec))
     vec = P(rspec)

@@ -527,9 +527,9 @@ def _vocab_backward(h, w, hr, wr, rg: RowGrad, opts: HeadOpts, dw, r0, *, block_
         if dlogits_fn is None:
             z, zr = _chunk_logits(hg, w, hrg, wr, start, vc, opts)
             dr = tile_dlogits(z, zr, valid, cols, rg, opts)
-        else:
+            dr = dr.astype(h.dtype)
+        else:  # in h's dtype, or a pytree that update_fn unpacks
             dr = dlogits_fn(h, hr, rg, start, i * vc, r0)
-        dr = dr.astype(h.dtype)
         if update_fn is None:
             return gemm_update(dh, dw, hg, dr, w, start, 0, opts), None
         return update_fn(dh, dw, h, dr, w, start, r0, opts), None

@@ -1,0 +1,178 @@
+"""Gradient filtering (``grad_filter_eps``) of the ``pallas_gpu`` backward, in interpret mode.
+
+The rule (CCE's ``filter_eps``, generalized to every statistic): a dlogits tile whose softmax
+probabilities are all ``< eps`` -- the reference head's too when a KL is asked for -- and which
+holds no target or sampled token is dropped.  The reference below applies that rule to
+materialized dlogits in numpy, on the kernel's tile grid (row groups x clamped vocab chunks x
+``[block_n, block_v]`` tiles), and does the two GEMMs densely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from curriculax.kernels import fused_lm_head, pallas_gpu, xla
+
+N, D, V = 64, 40, 333
+BN, BV, CHUNK = 16, 32, 64  # dlogits tiles; V is not a multiple of the chunk: the last one overlaps
+EPS = 0.1
+
+
+def _case(with_sample=False, vd=False, seed=0):
+    k = jax.random.split(jax.random.key(seed), 6)
+    h = jax.random.normal(k[0], (N, D))
+    w = jax.random.normal(k[1], (D, V)) * (2.0 / np.sqrt(D))
+    wr = w + 0.5 * jax.random.normal(k[2], (D, V)) / np.sqrt(D)
+    t = jax.random.randint(k[3], (N,), 0, V).at[5].set(-1)
+    valid = t >= 0
+    opts = xla.HeadOpts(softcap=6.0, with_kl=True, with_sample=with_sample)
+    row_hash = jax.random.randint(k[4], (N, 1), 0, 2**31 - 1, jnp.int32) if with_sample else None
+    st = xla.finalize(xla.chunked_forward(h, w, None, wr, t[:, None], row_hash, opts, block_v=64), opts)
+    cts = {name: jax.random.normal(kk, (N,)) for name, kk in
+           zip(("target_logprob", "entropy", "kl_to_ref", "sampled_logprob"), jax.random.split(k[5], 4))}
+    sidx = st.get("sampled_token")
+    rg = xla.row_grad(st, cts, t, sidx, valid, opts)
+    if vd:
+        w, wr, opts = w.T, wr.T, dataclasses.replace(opts, w_vd=True)
+    return h, w, wr, rg, opts
+
+
+def _filtered_reference(h, w, wr, rg, opts, rows, eps):
+    """Dense float64 gradients of the dlogits with the dead tiles zeroed; and the dead share."""
+    wd, wrd = (w.T, wr.T) if opts.w_vd else (w, wr)
+    z, zr = xla.cap(h @ wd, opts.softcap), xla.cap(h @ wrd, opts.softcap)
+    cols = jnp.arange(V)[None, :]
+    dz = np.asarray(xla.tile_dlogits(z, zr, jnp.ones((1, V), bool), cols, rg, opts), np.float64)
+    hot = np.asarray((z - rg.lse >= np.log(eps)) | (zr - rg.lse_r >= np.log(eps)) | (cols == rg.targets))
+    if opts.with_sample:
+        hot = hot | np.asarray(cols == rg.sidx)
+    keep, dead, total = np.zeros_like(hot), 0, 0
+    for r0 in range(0, N, rows):  # groups (rows divides N here)
+        for i in range(-(-V // CHUNK)):
+            start, lo = min(i * CHUNK, V - CHUNK), i * CHUNK
+            for a in range(r0, r0 + rows, BN):
+                for b in range(start, start + CHUNK, BV):
+                    c0, c1 = max(b, lo), min(b + BV, V)
+                    if c0 >= c1:
+                        continue
+                    live = hot[a:a + BN, c0:c1].any()
+                    keep[a:a + BN, c0:c1] = live
+                    dead, total = dead + (not live), total + 1
+    dzk = dz * keep
+    hd, wd = np.asarray(h, np.float64), np.asarray(wd, np.float64)
+    dw = hd.T @ dzk
+    return (dzk @ wd.T, dw.T if opts.w_vd else dw), dead / total
+
+
+def _backward(h, w, wr, rg, opts, **kw):
+    return pallas_gpu.backward(h, w, None, wr, rg, opts, block_n=BN, block_v=BV, block_d=16, chunk_v=CHUNK,
+                               interpret=True, **kw)
+
+
+def _max_rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(1.0, np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize("vd,with_sample,rows,gemm_blocks", [
+    (False, False, None, None),
+    (True, True, 32, None),
+    (False, True, 16, (16, 16, 16)),
+    (True, False, 32, (32, 64, 16)),
+])
+def test_filtered_backward_matches_tile_rule(vd, with_sample, rows, gemm_blocks):
+    """The skip-aware in-place GEMMs give exactly the dense gradients of the tile-filtered
+    dlogits, for GEMM tiles smaller and larger than the dlogits tiles, both head layouts,
+    with row groups and with sampling (its one-hot term keeps a tile alive)."""
+    h, w, wr, rg, opts = _case(with_sample, vd)
+    want, dead = _filtered_reference(h, w, wr, rg, opts, rows or N, EPS)
+    assert 0.05 < dead < 0.9, dead  # the case exercises both skipped and kept tiles
+    cfg = None if gemm_blocks is None else dict(blocks=gemm_blocks)
+    got = _backward(h, w, wr, rg, opts, bwd_rows=rows, grad_filter_eps=EPS, gemm_config=cfg)
+    zeroed = _backward(h, w, wr, rg, opts, bwd_rows=rows, grad_filter_eps=EPS, gemm="xla")
+    exact = _backward(h, w, wr, rg, opts, bwd_rows=rows)
+    for g, zr, r, e in zip(got, zeroed, want, exact):
+        assert _max_rel(g, r) <= 1e-5, _max_rel(g, r)
+        assert _max_rel(zr, r) <= 1e-5, _max_rel(zr, r)  # zeroing alone (cuBLAS path) agrees
+        assert _max_rel(e, r) > 1e-4  # and the filter did change the gradient
+
+
+@pytest.mark.parametrize("rows", [None, 15])
+def test_tiny_eps_is_exact(rows):
+    """With nothing below eps the skip loops visit every K step: the exact gradients, including
+    ragged row groups (the last one shifted) and the overlapping last vocab chunk."""
+    h, w, wr, rg, opts = _case(with_sample=True)
+    got = _backward(h, w, wr, rg, opts, bwd_rows=rows, grad_filter_eps=1e-30)
+    want = _backward(h, w, wr, rg, opts, bwd_rows=rows, gemm="pallas")
+    for g, r in zip(got, want):
+        assert _max_rel(g, r) <= 1e-6
+
+
+def _steps(flags, lane_axis, other0, n_other, steps_per):
+    """``_live_steps`` run in a one-program kernel: (count, [k_of(s) for s < count])."""
+    cap = flags.shape[lane_axis] * steps_per
+
+    def kernel(f_ref, o_ref):  # other0 is traced in the real kernels (a program id): here too
+        first = pl.program_id(0) + other0
+        n, k_of = pallas_gpu._live_steps(f_ref, lane_axis, first, n_other, steps_per)
+        o_ref[...] = jnp.full((cap + 1,), -1, jnp.int32)
+        o_ref[0] = n
+
+        def body(s, _):
+            o_ref[1 + s] = k_of(s)
+            return 0
+
+        jax.lax.fori_loop(0, n, body, 0)
+
+    out = pl.pallas_call(kernel, grid=(1,), out_shape=jax.ShapeDtypeStruct((cap + 1,), jnp.int32),
+                         interpret=True)(flags)
+    return int(out[0]), [int(x) for x in out[1:1 + int(out[0])]]
+
+
+def test_live_steps_visit_only_live_tiles():
+    flags = jnp.array([[0, 1, 0, 0, 1],
+                       [0, 0, 0, 1, 0],
+                       [0, 0, 0, 0, 0]], jnp.int32)
+    assert _steps(flags, 1, 0, 1, 2) == (4, [2, 3, 8, 9])  # row 0's live columns 1 and 4
+    assert _steps(flags, 1, 0, 2, 1) == (3, [1, 3, 4])  # rows 0-1 OR-ed
+    assert _steps(flags, 1, 2, 4, 3) == (0, [])  # rows 2.. (past the end: masked)
+    assert _steps(flags, 0, 3, 1, 2) == (2, [2, 3])  # column 3: row 1 only
+    assert _steps(flags, 0, 0, 1, 1) == (0, [])
+
+
+def test_fused_lm_head_option():
+    """``grad_filter_eps`` reaches the pallas_gpu backward, leaves the forward alone, and the
+    XLA impls ignore it (exact gradients)."""
+    h, w, wr, _, _ = _case()
+    t = jax.random.randint(jax.random.key(1), (N,), 0, V)
+
+    def grads(impl, eps):
+        f = lambda h_, w_: fused_lm_head(h_, w_, t, impl=impl, grad_filter_eps=eps, block_n=BN,  # noqa: E731
+                                         block_v=BV if impl == "pallas_gpu" else 64, interpret=True)
+        loss = lambda h_, w_: -f(h_, w_).target_logprob.mean()  # noqa: E731
+        return jax.value_and_grad(loss, argnums=(0, 1))(h, w)
+
+    (l_exact, g_exact), (l_filt, g_filt) = grads("pallas_gpu", None), grads("pallas_gpu", EPS)
+    assert float(l_exact) == float(l_filt)
+    assert 1e-4 < _max_rel(g_filt[0], g_exact[0]) < 0.2
+    (_, g_x), (_, g_xf) = grads("xla_chunked", None), grads("xla_chunked", EPS)
+    for a, b in zip(g_x, g_xf):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="grad_filter_eps"):
+        fused_lm_head(h, w, t, grad_filter_eps=1)
+
+
+def test_filtered_backward_lowers_for_triton():
+    """The skip loops (cumsum + dynamic trip count) and the flag output lower to Triton."""
+    h, w, wr, rg, opts = _case(with_sample=True)
+    h, w, wr = (x.astype(jnp.bfloat16) for x in (h, w, wr))
+    fn = jax.jit(functools.partial(pallas_gpu.backward, hr=None, opts=opts, bwd_rows=32, grad_filter_eps=2.0**-12))
+    text = fn.trace(h, w, wr=wr, rg=rg).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") >= 3
