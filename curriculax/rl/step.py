@@ -53,7 +53,8 @@ def head_options(config, mesh=None, rules=()) -> dict:
     """Keyword arguments of :func:`curriculax.objectives.lm_head_stats` for a trainer's step."""
     return dict(impl=config.objective.impl, mesh=mesh, rules=rules,
                 shard_map=config.objective.get("shard_map", "auto"),
-                bwd_rows=config.objective.get("bwd_rows"))
+                bwd_rows=config.objective.get("bwd_rows"),
+                grad_filter_eps=config.objective.get("grad_filter_eps"))
 
 
 def policy_logprob(model, seq, temperature: float, head: dict):

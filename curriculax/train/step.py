@@ -56,7 +56,8 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
                          f"{[name for name, _ in embed_hooks]}; at most one may set `embed`.")
     kernel_options = objective.kernel_options(config.objective) if objective.kernel_options else {}
     sharded = dict(mesh=mesh, rules=rules, shard_map=config.objective.get("shard_map", "auto"),
-                   bwd_rows=config.objective.get("bwd_rows"))
+                   bwd_rows=config.objective.get("bwd_rows"),
+                   grad_filter_eps=config.objective.get("grad_filter_eps"))
 
     def constrain_batch(tree):
         if mesh is None:
