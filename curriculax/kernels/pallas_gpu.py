@@ -41,6 +41,10 @@ group's rows of ``h`` at an offset, so the backward's only temporaries are the
 ``[R, d]`` accumulator and one ``[R, vc]`` dlogits chunk (1.045x the gradients
 on the first bench shape).  With one group cuBLAS stays: it was ~9% faster.
 
+Gradient filtering (``grad_filter_eps``, CCE's approximation, off by default): the dlogits
+kernel also writes one live flag per tile and zeroes dead tiles; the in-place GEMMs then run
+a dynamic-length K loop over the live tiles only (:func:`_live_steps`).
+
 The chunk offset is a runtime value; :func:`_chunk_start` tells Triton it is
 16-aligned, without which a ``[d, V]`` head is read without vector loads (the
 H100 backward took 36 ms instead of 24 ms).
