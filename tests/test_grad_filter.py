@@ -176,3 +176,18 @@ def test_filtered_backward_lowers_for_triton():
     fn = jax.jit(functools.partial(pallas_gpu.backward, hr=None, opts=opts, bwd_rows=32, grad_filter_eps=2.0**-12))
     text = fn.trace(h, w, wr=wr, rg=rg).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") >= 3
+
+
+def test_train_step_config_key():
+    """``config.objective.grad_filter_eps`` reaches the kernel from a train step: the loss is the
+    exact one, the gradient moves (a little) with pallas_gpu and not at all with xla_chunked."""
+    from test_train import one_step, tiny_config  # tests/ is on sys.path under pytest
+
+    metrics = {}
+    for impl in ("xla_chunked", "pallas_gpu"):
+        for eps in (None, 0.05):
+            (_, m), _ = one_step(tiny_config(**{"objective.impl": impl, "objective.grad_filter_eps": eps}))
+            metrics[impl, eps] = (float(m["loss"][0]), float(m["grad_norm"][0]))
+    assert metrics["xla_chunked", 0.05] == metrics["xla_chunked", None]
+    (loss, gn), (loss_f, gn_f) = metrics["pallas_gpu", None], metrics["pallas_gpu", 0.05]
+    assert loss_f == loss and gn_f != gn and gn_f == pytest.approx(gn, rel=0.1)
