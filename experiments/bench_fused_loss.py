@@ -284,18 +284,19 @@ def _gpu_check(jax, jnp):
             variants = {"xla_naive": ("xla_naive", None), "pallas_gpu": ("pallas_gpu", None),
                         "pallas_gpu bwd_rows=256": ("pallas_gpu", 256), "xla_chunked": ("xla_chunked", None)}
             # the filtered backward's GEMMs skip exactly the tiles its dlogits kernel zeroes:
-            # compiled skip loops (gemm=pallas) against cuBLAS on the zeroed tiles (gemm=xla)
+            # compiled skip loops (gemm=pallas) against cuBLAS on the zeroed tiles (gemm=xla); logits
+            # here have std 2, so it takes eps=0.05 to leave some (~17%) of the 64x128 tiles dead
             opts = xla.HeadOpts(softcap=20.0)
             ok = t >= 0
             st = xla.finalize(xla.chunked_forward(h, w, None, None, t[:, None], None, opts, block_v=1024), opts)
             rg = xla.row_grad(st, {"target_logprob": cts[0]}, jnp.where(ok, t, -1), None, ok, opts)
             filt = {gemm: jax.jit(functools.partial(pallas_gpu.backward, hr=None, wr=None, rg=rg, opts=opts,
-                                                    bwd_rows=256, gemm=gemm, grad_filter_eps=1e-3))(h, w)
+                                                    bwd_rows=256, gemm=gemm, grad_filter_eps=0.05))(h, w)
                     for gemm in ("pallas", "xla")}
             ferr = [float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64))
                           / np.linalg.norm(np.asarray(b, np.float64))) for a, b in zip(filt["pallas"], filt["xla"])]
-            lines.append(f"- check pallas_gpu grad_filter_eps=1e-3 skip loops vs zeroed tiles through cuBLAS "
-                         f"({jnp.dtype(dtype).name}): rel err d_h {ferr[0]:.2e} d_W {ferr[1]:.2e}")
+            lines.append(f"- check pallas_gpu grad_filter_eps=0.05 (~17% of tiles dead): skip loops vs zeroed "
+                         f"tiles through cuBLAS ({jnp.dtype(dtype).name}): rel err d_h {ferr[0]:.2e} d_W {ferr[1]:.2e}")
             print(lines[-1], flush=True)
             for key, (impl, rows) in variants.items():
                 res[key] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
