@@ -115,13 +115,12 @@ def test_tiny_eps_is_exact(rows):
         assert _max_rel(g, r) <= 1e-6
 
 
-def _steps(flags, lane_axis, other0, n_other, steps_per):
+def _steps(flags, lane_axis, other, steps_per):
     """``_live_steps`` run in a one-program kernel: (count, [k_of(s) for s < count])."""
     cap = flags.shape[lane_axis] * steps_per
 
-    def kernel(f_ref, o_ref):  # other0 is traced in the real kernels (a program id): here too
-        first = pl.program_id(0) + other0
-        n, k_of = pallas_gpu._live_steps(f_ref, lane_axis, first, n_other, steps_per)
+    def kernel(f_ref, o_ref):  # `other` is traced in the real kernels (from a program id): here too
+        n, k_of = pallas_gpu._live_steps(f_ref, lane_axis, pl.program_id(0) + other, steps_per)
         o_ref[...] = jnp.full((cap + 1,), -1, jnp.int32)
         o_ref[0] = n
 
@@ -140,11 +139,11 @@ def test_live_steps_visit_only_live_tiles():
     flags = jnp.array([[0, 1, 0, 0, 1],
                        [0, 0, 0, 1, 0],
                        [0, 0, 0, 0, 0]], jnp.int32)
-    assert _steps(flags, 1, 0, 1, 2) == (4, [2, 3, 8, 9])  # row 0's live columns 1 and 4
-    assert _steps(flags, 1, 0, 2, 1) == (3, [1, 3, 4])  # rows 0-1 OR-ed
-    assert _steps(flags, 1, 2, 4, 3) == (0, [])  # rows 2.. (past the end: masked)
-    assert _steps(flags, 0, 3, 1, 2) == (2, [2, 3])  # column 3: row 1 only
-    assert _steps(flags, 0, 0, 1, 1) == (0, [])
+    assert _steps(flags, 1, 0, 2) == (4, [2, 3, 8, 9])  # row 0: live columns 1 and 4, 2 steps each
+    assert _steps(flags, 1, 1, 1) == (1, [3])
+    assert _steps(flags, 1, 2, 3) == (0, [])
+    assert _steps(flags, 0, 3, 2) == (2, [2, 3])  # column 3: row 1 only
+    assert _steps(flags, 0, 4, 1) == (1, [0])
 
 
 def test_fused_lm_head_option():

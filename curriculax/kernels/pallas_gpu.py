@@ -42,8 +42,8 @@ group's rows of ``h`` at an offset, so the backward's only temporaries are the
 on the first bench shape).  With one group cuBLAS stays: it was ~9% faster.
 
 Gradient filtering (``grad_filter_eps``, CCE's approximation, off by default): the dlogits
-kernel also writes one live flag per tile and zeroes dead tiles; the in-place GEMMs then run
-a dynamic-length K loop over the live tiles only (:func:`_live_steps`).
+kernel also writes one live flag per tile and does not store dead tiles; the in-place GEMMs
+run a dynamic-length K loop over the live tiles only (:func:`_live_steps`).
 
 The chunk offset is a runtime value; :func:`_chunk_start` tells Triton it is
 16-aligned, without which a ``[d, V]`` head is read without vector loads (the
@@ -364,16 +364,15 @@ def _dlogits_kernel(*refs, n_rows, vocab, chunk, bn, bv, bk, shares_x, rg_presen
     )
     valid = (in_chunk & (cols >= lo) & (cols < vocab))[None, :]
     dr = xla.tile_dlogits(z, zr, valid, cols[None, :], rg, opts)
+    store = row_ok[:, None] & in_chunk[None, :]
     if log_eps is not None:
         live = _tile_is_live(z, zr, valid, row_ok, cols[None, :], rg, opts, log_eps)
-        dr = jnp.where(live > 0, dr, 0.0)  # zeros too, so that a GEMM that reads the tile agrees
-        if live_ref is not None:
+        if live_ref is None:  # cuBLAS reads every tile: write zeros
+            dr = jnp.where(live > 0, dr, 0.0)
+        else:  # the GEMMs skip dead tiles: write nothing (saves N*V*2 bytes of traffic at most)
             live_ref[...] = jnp.full((1, 1), live, jnp.int32)
-    plgpu.store(
-        o_ref.at[pl.ds(i * bn, bn), pl.ds(j * bv, bv)],
-        dr.astype(o_ref.dtype),
-        mask=row_ok[:, None] & in_chunk[None, :],
-    )
+            store = store & (live > 0)
+    plgpu.store(o_ref.at[pl.ds(i * bn, bn), pl.ds(j * bv, bv)], dr.astype(o_ref.dtype), mask=store)
 
 
 def _load2(ref, r0, nr, r_ok, c0, nc, c_ok):
@@ -390,22 +389,21 @@ def _k_loop(body, acc, n_steps, live):
     return lax.fori_loop(0, n_live, lambda s, a: body(k_of(s), a), acc)
 
 
-def _live_steps(live_ref, lane_axis, other0, n_other, steps_per):
+def _live_steps(live_ref, lane_axis, other, steps_per):
     """``(n, k_of)``: the GEMM's K steps that fall in live dlogits tiles.
 
     ``live_ref`` holds one flag per dlogits tile (``[row tiles, column tiles]``); the K axis runs
-    along ``lane_axis``, and a tile counts as live if any of the ``n_other`` flags from ``other0``
-    on the other axis (the output tile's rows or columns) is set.  Each live tile spans
-    ``steps_per`` K steps; ``k_of(s)`` is the ``s``-th live step (a running count picks the
-    tile), so the loop is one pipelined ``for`` with a dynamic trip count."""
-    n_lane, n_oth = live_ref.shape[lane_axis], live_ref.shape[1 - lane_axis]
+    along ``lane_axis`` and the output tile lies in flag ``other`` of the other axis (its rows or
+    columns fit in one dlogits tile).  Each live tile spans ``steps_per`` K steps; ``k_of(s)`` is
+    the ``s``-th live step (a running count picks the tile), so the loop is one pipelined ``for``
+    with a dynamic trip count and dead tiles are never read."""
+    n_lane = live_ref.shape[lane_axis]
     p = pl.next_power_of_2(n_lane)
-    lane_ok = jnp.arange(p) < n_lane
-    oth_ok = (other0 + jnp.arange(n_other)) < n_oth
+    lane_ok, one = jnp.arange(p) < n_lane, jnp.ones((1,), bool)
     if lane_axis == 1:
-        live = jnp.max(_load2(live_ref, other0, n_other, oth_ok, 0, p, lane_ok), axis=0)
+        live = _load2(live_ref, other, 1, one, 0, p, lane_ok)[0]
     else:
-        live = jnp.max(_load2(live_ref, 0, p, lane_ok, other0, n_other, oth_ok), axis=1)
+        live = _load2(live_ref, 0, p, lane_ok, other, 1, one)[:, 0]
     seen = jnp.cumsum(live)
 
     def k_of(s):  # lax.div / rem: jnp's floor division does not lower to Triton here
@@ -434,9 +432,9 @@ def _dh_update_kernel(*refs, rows, d, vocab, chunk, bm, bn, bk, w_vd, live_tile)
         return acc + _tile_dot(a, _load2(w_ref, j * bn, bn, c_ok, start + k * bk, bk, k_ok), ((1,), (1,)))
 
     live = None
-    if live_tile is not None:  # K = the chunk's columns; this tile's rows pick the flag rows
+    if live_tile is not None:  # K = the chunk's columns; this tile's rows lie in one flag row
         fr, fc = live_tile
-        live = _live_steps(live_ref[0], 1, (i * bm) // fr, max(1, bm // fr), fc // bk)
+        live = _live_steps(live_ref[0], 1, (i * bm) // fr, fc // bk)
     acc = _load2(acc_ref, i * bm, bm, r_ok, j * bn, bn, c_ok).astype(jnp.float32)
     acc = _k_loop(body, acc, pl.cdiv(chunk, bk), live)
     plgpu.store(acc_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc.astype(acc_ref.dtype),
@@ -460,9 +458,9 @@ def _dw_update_kernel(*refs, rows, d, vocab, chunk, bm, bn, bk, w_vd, live_tile)
         return acc + (_tile_dot(b, a, ((0,), (0,))) if w_vd else _tile_dot(a, b, ((0,), (0,))))
 
     live = None
-    if live_tile is not None:  # K = the group's rows; this tile's columns pick the flag columns
+    if live_tile is not None:  # K = the group's rows; this tile's columns lie in one flag column
         fr, fc = live_tile
-        live = _live_steps(live_ref[0], 0, (j * bn) // fc, max(1, bn // fc), fr // bk)
+        live = _live_steps(live_ref[0], 0, (j * bn) // fc, fr // bk)
     # the tile sits at (d, vocab) in a [d, V] head, at (vocab, d) in a [V, d] one
     d_side, v_side = (i * bm, bm, d_ok), (start + j * bn, bn, c_ok)
     (r0, nr, r_ok), (c0, nc, col_ok) = (v_side, d_side) if w_vd else (d_side, v_side)
@@ -482,7 +480,8 @@ def pallas_update(*, interpret=False, blocks=None, num_warps=None, num_stages=No
     (``input_output_aliases``): no ``[d, chunk]`` product or weight-slice temporaries.
     Unset tile options come from :data:`GEMM_CONFIG`.  ``live_tile``: the ``(rows, columns)`` of
     the dlogits tiles whose live flags come with ``dr`` as ``(dr, flags)`` (gradient filtering);
-    the GEMMs then skip the K steps of dead tiles."""
+    the GEMMs then skip the K steps of dead tiles, which the dlogits kernel left unwritten, and
+    their tiles shrink to stay inside one dlogits tile along the dlogits axes."""
     bm, bn, bk = blocks or GEMM_CONFIG["blocks"]
     num_warps = num_warps or GEMM_CONFIG["num_warps"]
     num_stages = num_stages or GEMM_CONFIG["num_stages"]
@@ -495,22 +494,26 @@ def pallas_update(*, interpret=False, blocks=None, num_warps=None, num_stages=No
         rows, chunk = dr.shape
         d = h.shape[1]
         off = jnp.stack([start, r0]).astype(jnp.int32)
-        geo = dict(rows=rows, d=d, vocab=w.shape[xla.vocab_axis(opts)], chunk=chunk, bm=bm, bn=bn,
-                   w_vd=opts.w_vd, live_tile=live_tile if live else None)
+        geo = dict(rows=rows, d=d, vocab=w.shape[xla.vocab_axis(opts)], chunk=chunk, w_vd=opts.w_vd,
+                   live_tile=live_tile if live else None)
 
-        def in_place(kernel, grid, name, x, y, acc, bk_):  # acc, the last operand, is updated in place
+        def in_place(kernel, name, x, y, acc, tiles, grid):  # acc, the last operand, is updated in place
             args = (x, y, off, *live, acc)
             return pl.pallas_call(
-                functools.partial(kernel, bk=bk_, **geo), grid=grid, in_specs=[pl.no_block_spec] * len(args),
-                out_specs=pl.no_block_spec, out_shape=jax.ShapeDtypeStruct(acc.shape, acc.dtype),
-                input_output_aliases={len(args) - 1: 0}, compiler_params=params, interpret=interpret, name=name,
+                functools.partial(kernel, **dict(zip(("bm", "bn", "bk"), tiles)), **geo), grid=grid,
+                in_specs=[pl.no_block_spec] * len(args), out_specs=pl.no_block_spec,
+                out_shape=jax.ShapeDtypeStruct(acc.shape, acc.dtype), input_output_aliases={len(args) - 1: 0},
+                compiler_params=params, interpret=interpret, name=name,
             )(*args)
 
-        # skipping works in whole dlogits tiles: a K step must not straddle two
-        bk_dh, bk_dw = (min(bk, live_tile[1]), min(bk, live_tile[0])) if live else (bk, bk)
-        dh = in_place(_dh_update_kernel, (pl.cdiv(rows, bm), pl.cdiv(d, bn)), "lm_head_dh_update", dr, w, dh, bk_dh)
-        dw = in_place(_dw_update_kernel, (pl.cdiv(d, bm), pl.cdiv(chunk, bn)), "lm_head_dw_update", h, dr, dw,
-                      bk_dw)
+        dh_tiles, dw_tiles = (bm, bn, bk), (bm, bn, bk)
+        if live:  # whole dlogits tiles only (dead ones are never written): the K step and the
+            fr, fc = live_tile  # dlogits-side extent of an output tile stay inside one tile
+            dh_tiles, dw_tiles = (min(bm, fr), bn, min(bk, fc)), (bm, min(bn, fc), min(bk, fr))
+        dh = in_place(_dh_update_kernel, "lm_head_dh_update", dr, w, dh, dh_tiles,
+                      (pl.cdiv(rows, dh_tiles[0]), pl.cdiv(d, dh_tiles[1])))
+        dw = in_place(_dw_update_kernel, "lm_head_dw_update", h, dr, dw, dw_tiles,
+                      (pl.cdiv(d, dw_tiles[0]), pl.cdiv(chunk, dw_tiles[1])))
         return dh, dw
 
     return update
