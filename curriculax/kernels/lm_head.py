@@ -67,7 +67,8 @@ the in-place GEMMs (which it selects) skip its work.  Each dropped term is below
 the row's cotangents (times ``|log p|`` for entropy and KL), but they add up: on the bench's
 ``N(0, 1)`` logits, ``bwd_rows="auto"`` tiles (64x128) skip 68-81% of the update work at a
 1.5-2.1% error in ``d_hidden``'s norm (CCE's 128x128: 46-65%, 1.0-1.7%;
-``experiments/results/grad_filter.md``).  The other impls ignore it and stay exact.
+``experiments/results/grad_filter.md``; both depend strongly on the logit distribution).  The
+other impls ignore it and stay exact.
 
 Implementations (``IMPLS``):
 
