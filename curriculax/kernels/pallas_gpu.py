@@ -540,9 +540,10 @@ def backward(
     asked for, else ``"xla"``.  ``gemm_config``: ``pallas_update`` keyword arguments.
 
     ``grad_filter_eps``: CCE-style gradient filtering.  A dlogits tile whose probabilities are
-    all ``< eps`` (both heads' with a KL) and which holds no target or sampled token is zeroed,
-    and the in-place GEMMs skip its K steps (with ``gemm="xla"`` it is zeroed only: cuBLAS
-    multiplies the zeros).  Approximate: see :func:`curriculax.kernels.fused_lm_head`.
+    all ``< eps`` (both heads' with a KL) and which holds no target or sampled token is dropped:
+    with the in-place GEMMs it is neither stored nor read; with ``gemm="xla"`` it is stored as
+    zeros, which cuBLAS multiplies all the same.  Approximate: see
+    :func:`curriculax.kernels.fused_lm_head`.
     """
     n, d = h.shape
     vocab = w.shape[xla.vocab_axis(opts)]
