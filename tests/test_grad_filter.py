@@ -25,12 +25,12 @@ BN, BV, CHUNK = 16, 32, 64  # dlogits tiles; V is not a multiple of the chunk: t
 EPS = 0.1
 
 
-def _case(with_sample=False, vd=False, seed=0):
+def _case(with_sample=False, vd=False, seed=0, v=V):
     k = jax.random.split(jax.random.key(seed), 6)
     h = jax.random.normal(k[0], (N, D))
-    w = jax.random.normal(k[1], (D, V)) * (2.0 / np.sqrt(D))
-    wr = w + 0.5 * jax.random.normal(k[2], (D, V)) / np.sqrt(D)
-    t = jax.random.randint(k[3], (N,), 0, V).at[5].set(-1)
+    w = jax.random.normal(k[1], (D, v)) * (2.0 / np.sqrt(D))
+    wr = w + 0.5 * jax.random.normal(k[2], (D, v)) / np.sqrt(D)
+    t = jax.random.randint(k[3], (N,), 0, v).at[5].set(-1)
     valid = t >= 0
     opts = xla.HeadOpts(softcap=6.0, with_kl=True, with_sample=with_sample)
     row_hash = jax.random.randint(k[4], (N, 1), 0, 2**31 - 1, jnp.int32) if with_sample else None
@@ -44,27 +44,39 @@ def _case(with_sample=False, vd=False, seed=0):
     return h, w, wr, rg, opts
 
 
-def _filtered_reference(h, w, wr, rg, opts, rows, eps):
+def _gpu_tiles(rows, bn=BN, bv=BV, chunk=CHUNK):
+    """``pallas_gpu``'s dlogits tiles: row groups x clamped vocab chunks (the last one overlaps
+    the previous one; its already-done columns are excluded) x ``[bn, bv]`` tiles."""
+    for r0 in range(0, N, rows):  # groups (rows divides N here)
+        for i in range(-(-V // chunk)):
+            start, lo = min(i * chunk, V - chunk), i * chunk
+            for a in range(r0, r0 + rows, bn):
+                for b in range(start, start + chunk, bv):
+                    if max(b, lo) < min(b + bv, V):
+                        yield slice(a, min(a + bn, r0 + rows)), slice(max(b, lo), min(b + bv, V))
+
+
+def _grid_tiles(bn, bv, v):
+    """``pallas_tpu``'s tiles: a plain ``[bn, bv]`` grid."""
+    for a in range(0, N, bn):
+        for b in range(0, v, bv):
+            yield slice(a, a + bn), slice(b, min(b + bv, v))
+
+
+def _filtered_reference(h, w, wr, rg, opts, tiles, eps):
     """Dense float64 gradients of the dlogits with the dead tiles zeroed; and the dead share."""
     wd, wrd = (w.T, wr.T) if opts.w_vd else (w, wr)
     z, zr = xla.cap(h @ wd, opts.softcap), xla.cap(h @ wrd, opts.softcap)
-    cols = jnp.arange(V)[None, :]
-    dz = np.asarray(xla.tile_dlogits(z, zr, jnp.ones((1, V), bool), cols, rg, opts), np.float64)
+    cols = jnp.arange(wd.shape[1])[None, :]
+    dz = np.asarray(xla.tile_dlogits(z, zr, cols >= 0, cols, rg, opts), np.float64)
     hot = np.asarray((z - rg.lse >= np.log(eps)) | (zr - rg.lse_r >= np.log(eps)) | (cols == rg.targets))
     if opts.with_sample:
         hot = hot | np.asarray(cols == rg.sidx)
     keep, dead, total = np.zeros_like(hot), 0, 0
-    for r0 in range(0, N, rows):  # groups (rows divides N here)
-        for i in range(-(-V // CHUNK)):
-            start, lo = min(i * CHUNK, V - CHUNK), i * CHUNK
-            for a in range(r0, r0 + rows, BN):
-                for b in range(start, start + CHUNK, BV):
-                    c0, c1 = max(b, lo), min(b + BV, V)
-                    if c0 >= c1:
-                        continue
-                    live = hot[a:a + BN, c0:c1].any()
-                    keep[a:a + BN, c0:c1] = live
-                    dead, total = dead + (not live), total + 1
+    for rs, cs in tiles:
+        live = hot[rs, cs].any()
+        keep[rs, cs] = live
+        dead, total = dead + (not live), total + 1
     dzk = dz * keep
     hd, wd = np.asarray(h, np.float64), np.asarray(wd, np.float64)
     dw = hd.T @ dzk
@@ -92,7 +104,7 @@ def test_filtered_backward_matches_tile_rule(vd, with_sample, rows, gemm_blocks)
     dlogits, for GEMM tiles smaller and larger than the dlogits tiles, both head layouts,
     with row groups and with sampling (its one-hot term keeps a tile alive)."""
     h, w, wr, rg, opts = _case(with_sample, vd)
-    want, dead = _filtered_reference(h, w, wr, rg, opts, rows or N, EPS)
+    want, dead = _filtered_reference(h, w, wr, rg, opts, _gpu_tiles(rows or N), EPS)
     assert 0.05 < dead < 0.9, dead  # the case exercises both skipped and kept tiles
     cfg = None if gemm_blocks is None else dict(blocks=gemm_blocks)
     got = _backward(h, w, wr, rg, opts, bwd_rows=rows, grad_filter_eps=EPS, gemm_config=cfg)
@@ -113,6 +125,30 @@ def test_tiny_eps_is_exact(rows):
     want = _backward(h, w, wr, rg, opts, bwd_rows=rows, gemm="pallas")
     for g, r in zip(got, want):
         assert _max_rel(g, r) <= 1e-6
+
+
+@pytest.mark.parametrize("vd", [False, True])
+def test_tpu_filtered_backward_matches_tile_rule(vd):
+    """``pallas_tpu`` (interpret) skips the update matmul of the same dead tiles, on its grid."""
+    from curriculax.kernels import pallas_tpu
+
+    h, w, wr, rg, opts = _case(with_sample=True, vd=vd, v=4000)  # 128-wide tiles: a wider vocab
+    want, dead = _filtered_reference(h, w, wr, rg, opts, _grid_tiles(16, 128, 4000), EPS)
+    assert 0.05 < dead < 0.9, dead
+    got = pallas_tpu.backward(h, w, None, wr, rg, opts, block_n=16, block_v=128, grad_filter_eps=EPS,
+                              interpret=True)
+    for g, r in zip(got, want):
+        assert _max_rel(g, r) <= 1e-5, _max_rel(g, r)
+
+
+def test_tpu_filtered_backward_lowers_for_mosaic():
+    """The skip is a ``pl.when`` on a tile reduction: it lowers to Mosaic (never run on a TPU)."""
+    from curriculax.kernels import pallas_tpu
+
+    h, w, wr, rg, opts = _case(with_sample=True)
+    h, w, wr = (x.astype(jnp.bfloat16) for x in (h, w, wr))
+    fn = jax.jit(functools.partial(pallas_tpu.backward, hr=None, opts=opts, grad_filter_eps=2.0**-12))
+    assert "tpu_custom_call" in fn.trace(h, w, wr=wr, rg=rg).lower(lowering_platforms=("tpu",)).as_text()
 
 
 def _steps(flags, lane_axis, other, steps_per):

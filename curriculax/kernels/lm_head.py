@@ -59,16 +59,17 @@ fastest.  On an H100, ``pallas_gpu`` with ``"auto"`` holds 1.04-1.045x the
 gradients' size in all (default: 1.21-1.35x) for 1.18-1.21x the time.
 ``pallas_tpu`` ignores it (its backward accumulates in VMEM).
 
-Gradient filtering (``grad_filter_eps``, ``pallas_gpu`` only; default None = exact): the
+Gradient filtering (``grad_filter_eps``, the Pallas impls; default None = exact): the
 approximation Apple's Cut Cross-Entropy makes by default (``filter_eps="auto"``, ``2**-12`` in
 bf16).  A backward tile of logits whose softmax probabilities are all ``< eps`` (and the
-reference head's too, with a KL) and which holds no target or sampled token is dropped, and
-the in-place GEMMs (which it selects) skip its work.  Each dropped term is below ``eps`` times
+reference head's too, with a KL) and which holds no target or sampled token is dropped and
+its update matmuls are skipped (``pallas_gpu``: in-place GEMMs that loop over live tiles;
+``pallas_tpu``: a ``pl.when``, untested on hardware).  Each dropped term is below ``eps`` times
 the row's cotangents (times ``|log p|`` for entropy and KL), but they add up: on the bench's
 ``N(0, 1)`` logits, ``bwd_rows="auto"`` tiles (64x128) skip 68-81% of the update work at a
 1.5-2.1% error in ``d_hidden``'s norm (CCE's 128x128: 46-65%, 1.0-1.7%;
 ``experiments/results/grad_filter.md``; both depend strongly on the logit distribution).  The
-other impls ignore it and stay exact.
+XLA impls ignore it and stay exact.
 
 Implementations (``IMPLS``):
 
@@ -180,7 +181,7 @@ def _make_fused(impl: str, opts: HeadOpts, block_n, block_v, block_d, bwd_rows, 
             return pallas_tpu.forward(h, w, hr, wr, t, rh, opts, **kw)
 
         def bwd_grads(h, w, hr, wr, rg):
-            return pallas_tpu.backward(h, w, hr, wr, rg, opts, **kw)
+            return pallas_tpu.backward(h, w, hr, wr, rg, opts, grad_filter_eps=grad_filter_eps, **kw)
 
     else:  # pragma: no cover
         raise ValueError(impl)

@@ -324,20 +324,6 @@ def _chunk_start(off_ref, vocab):
     return pl.multiple_of(start, align) if align > 1 else start
 
 
-def _tile_is_live(z, zr, valid, row_ok, cols, rg: RowGrad, opts: HeadOpts, log_eps: float):
-    """Does the tile carry gradient above the filter?  CCE's rule (``filter_eps``), generalized:
-    some softmax probability (of either head when a KL is asked for) is ``>= eps``, or the tile
-    holds a row's target or sampled token (their one-hot terms).  Every other term of
-    :func:`xla.tile_dlogits` is a multiple of ``p`` (or ``p_ref``)."""
-    hot = (z - rg.lse >= log_eps) | (cols == rg.targets)
-    if opts.with_kl:
-        hot = hot | (zr - rg.lse_r >= log_eps)
-    if opts.with_sample:
-        hot = hot | (cols == rg.sidx)
-    hot = hot & valid & row_ok[:, None]
-    return jnp.max(jnp.max(hot.astype(jnp.int32), axis=1), axis=0)
-
-
 def _dlogits_kernel(*refs, n_rows, vocab, chunk, bn, bv, bk, shares_x, rg_present, opts: HeadOpts,
                     log_eps=None):
     it = iter(refs)
@@ -366,7 +352,7 @@ def _dlogits_kernel(*refs, n_rows, vocab, chunk, bn, bv, bk, shares_x, rg_presen
     dr = xla.tile_dlogits(z, zr, valid, cols[None, :], rg, opts)
     store = row_ok[:, None] & in_chunk[None, :]
     if log_eps is not None:
-        live = _tile_is_live(z, zr, valid, row_ok, cols[None, :], rg, opts, log_eps)
+        live = xla.tile_is_live(z, zr, valid & row_ok[:, None], cols[None, :], rg, opts, log_eps)
         if live_ref is None:  # cuBLAS reads every tile: write zeros
             dr = jnp.where(live > 0, dr, 0.0)
         else:  # the GEMMs skip dead tiles: write nothing (saves N*V*2 bytes of traffic at most)

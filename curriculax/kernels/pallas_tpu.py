@@ -34,6 +34,7 @@ been compiled by the Mosaic backend nor run on a real TPU: layout problems of th
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -174,7 +175,7 @@ def forward(
     return OnlineState(**{f: o[:n] for f, o in zip(names, outs)})
 
 
-def _bwd_kernel(*refs, n_rows, vocab, bn, bv, shares_x, rg_present, for_weight, opts: HeadOpts):
+def _bwd_kernel(*refs, n_rows, vocab, bn, bv, shares_x, rg_present, for_weight, opts: HeadOpts, log_eps=None):
     it, x_ref, w_ref, xr_ref, wr_ref = _unpack_inputs(refs, opts, shares_x)
     rg = RowGrad(**{f: (next(it)[...] if f in rg_present else None) for f in _RG_FIELDS})
     out_ref, acc_ref = next(it), next(it)
@@ -195,13 +196,20 @@ def _bwd_kernel(*refs, n_rows, vocab, bn, bv, shares_x, rg_present, for_weight, 
     x, w, z, zr = _tiles(x_ref, w_ref, xr_ref, wr_ref, row_ok, col_ok, opts)
     dr = xla.tile_dlogits(z, zr, row_ok & col_ok, cols, rg, opts)
     dr = dr.astype(x.dtype)
-    if for_weight:  # [d, bv] (or [bv, d]) block of d_W
-        a, b = (dr, x) if opts.w_vd else (x, dr)
-        acc_ref[...] += lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    else:
-        contract = 0 if opts.w_vd else 1
-        acc_ref[...] += lax.dot_general(dr, w, (((1,), (contract,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
+
+    def accumulate():
+        if for_weight:  # [d, bv] (or [bv, d]) block of d_W
+            a, b = (dr, x) if opts.w_vd else (x, dr)
+            acc_ref[...] += lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        else:
+            contract = 0 if opts.w_vd else 1
+            acc_ref[...] += lax.dot_general(dr, w, (((1,), (contract,)), ((), ())),
+                                            preferred_element_type=jnp.float32)
+
+    if log_eps is None:
+        accumulate()
+    else:  # gradient filtering: a dead tile skips its update matmul
+        pl.when(xla.tile_is_live(z, zr, row_ok & col_ok, cols, rg, opts, log_eps) > 0)(accumulate)
 
     @pl.when(inner == last)
     def _write():
@@ -210,8 +218,11 @@ def _bwd_kernel(*refs, n_rows, vocab, bn, bv, shares_x, rg_present, for_weight, 
 
 def backward(
     h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *,
-    block_n=None, block_v=None, interpret=False, vmem_limit_bytes=None,
+    block_n=None, block_v=None, grad_filter_eps=None, interpret=False, vmem_limit_bytes=None,
 ):
+    """``(d_hidden, d_weight)`` by two fused kernels (module docstring).  ``grad_filter_eps``:
+    skip the update matmul of tiles :func:`xla.tile_is_live` calls dead (approximate, off by
+    default; :func:`curriculax.kernels.fused_lm_head`)."""
     n, d = h.shape
     vocab = w.shape[xla.vocab_axis(opts)]
     bn = _block(block_n, 256, n, 16)
@@ -251,6 +262,7 @@ def backward(
         kernel = functools.partial(
             _bwd_kernel, n_rows=n, vocab=vocab, bn=bn, bv=bv, shares_x=shares_x,
             rg_present=present, for_weight=for_weight, opts=opts,
+            log_eps=None if grad_filter_eps is None else math.log(grad_filter_eps),
         )
         return pl.pallas_call(
             kernel,

@@ -255,6 +255,22 @@ def tile_dlogits(z, zr, valid, cols, rg: RowGrad, opts: HeadOpts) -> jax.Array:
     return jnp.where(valid, dz, 0.0)
 
 
+def tile_is_live(z, zr, valid, cols, rg: RowGrad, opts: HeadOpts, log_eps: float) -> jax.Array:
+    """Gradient filtering (``grad_filter_eps``): int32 1 if the tile's dlogits matter, else 0.
+
+    CCE's rule (``filter_eps``), generalized to every statistic: some softmax probability (of
+    either head when a KL is asked for) is ``>= eps``, or the tile holds a row's target or sampled
+    token (their one-hot terms).  Every other term of :func:`tile_dlogits` is a multiple of
+    ``p`` (or ``p_ref``).  ``valid``: the tile's real rows and columns."""
+    hot = (z - rg.lse >= log_eps) | (cols == rg.targets)
+    if opts.with_kl:
+        hot = hot | (zr - rg.lse_r >= log_eps)
+    if opts.with_sample:
+        hot = hot | (cols == rg.sidx)
+    hot = (hot & valid).astype(jnp.int32)
+    return jnp.max(jnp.max(hot, axis=1), axis=0)
+
+
 def row_grad(stats: dict, cts: dict, targets, sidx, valid, opts: HeadOpts) -> RowGrad:
     """Fold the per-row cotangents into the coefficients of :func:`tile_dlogits`.
 
