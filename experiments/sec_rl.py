@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE))
 import compare_curricula as cc  # noqa: E402
 import report  # noqa: E402
 
-from curriculax.train import build, checkpoint, metrics  # noqa: E402
+from curriculax.train import build, metrics  # noqa: E402
 from curriculax.train import train as train_loop  # noqa: E402
 
 CURRICULA = ("uniform", "ordered", "sec")

@@ -1,10 +1,8 @@
 """The Colab quickstart notebook runs top to bottom (tiny settings, CPU)."""
 
-import os
 import pathlib
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "colab" / "quickstart.ipynb"

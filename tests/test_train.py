@@ -10,7 +10,6 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from curriculax.train import build, checkpoint, metrics, quickstart_config
 from curriculax.train import train as train_loop

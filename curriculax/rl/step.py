@@ -13,7 +13,7 @@ token ids of the completions and one float per completion.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
 from curriculax.sparsity.lottery import select_mask
 
