@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from curriculax.kernels import fused_lm_head, pallas_gpu, xla
+from curriculax.kernels import fused_lm_head, lm_head, pallas_gpu, xla
 
 N, D, V = 64, 40, 333
 BN, BV, CHUNK = 16, 32, 64  # dlogits tiles; V is not a multiple of the chunk: the last one overlaps
@@ -202,6 +202,8 @@ def test_fused_lm_head_option():
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="grad_filter_eps"):
         fused_lm_head(h, w, t, grad_filter_eps=1)
+    assert lm_head.resolve_grad_filter_eps("auto", jnp.bfloat16) == 2.0**-12
+    assert lm_head.resolve_grad_filter_eps("auto", jnp.float32) == 2.0**-28
 
 
 def test_filtered_backward_lowers_for_triton():

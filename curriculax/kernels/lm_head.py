@@ -61,7 +61,7 @@ gradients' size in all (default: 1.21-1.35x) for 1.18-1.21x the time.
 
 Gradient filtering (``grad_filter_eps``, the Pallas impls; default None = exact): the
 approximation Apple's Cut Cross-Entropy makes by default (``filter_eps="auto"``, ``2**-12`` in
-bf16).  A backward tile of logits whose softmax probabilities are all ``< eps`` (and the
+bf16; ``grad_filter_eps="auto"`` picks the same ``finfo(hidden.dtype).eps / 32``).  A backward tile of logits whose softmax probabilities are all ``< eps`` (and the
 reference head's too, with a KL) and which holds no target or sampled token is dropped and
 its update matmuls are skipped (``pallas_gpu``: in-place GEMMs that loop over live tiles;
 ``pallas_tpu``: a ``pl.when``, untested on hardware).  Each dropped term is below ``eps`` times
@@ -226,7 +226,7 @@ def fused_lm_head(
     block_v: Optional[int] = None,
     block_d: Optional[int] = None,
     bwd_rows: Optional[int | str] = None,
-    grad_filter_eps: Optional[float] = None,
+    grad_filter_eps: Optional[float | str] = None,
     weight_layout: str = "dv",
     impl: str = "auto",
     interpret: Optional[bool] = None,
@@ -263,7 +263,7 @@ def fused_lm_head(
         raise ValueError("logit_softcap must be > 0 or None")
     if not (bwd_rows is None or bwd_rows == "auto" or (isinstance(bwd_rows, int) and bwd_rows > 0)):
         raise ValueError(f"bwd_rows must be a positive int, 'auto' or None, got {bwd_rows!r}")
-    check_grad_filter_eps(grad_filter_eps)
+    grad_filter_eps = resolve_grad_filter_eps(grad_filter_eps, hidden.dtype)
 
     impl, opts, interpret = _static_options(impl, interpret, logit_softcap, temperature,
                                             ref_weight is not None, kl_direction,
@@ -274,10 +274,15 @@ def fused_lm_head(
                    ref_hidden, ref_weight, targets, valid, row_hash)
 
 
-def check_grad_filter_eps(eps) -> None:
+def resolve_grad_filter_eps(eps, dtype) -> Optional[float]:
+    """``grad_filter_eps`` as a float or None; ``"auto"`` is CCE's ``finfo(dtype).eps / 32``
+    (``2**-12`` for bf16 activations, ~4e-9 for float32: nearly exact)."""
+    if eps == "auto":
+        return float(jnp.finfo(dtype).eps) / 32
     if eps is not None and not (isinstance(eps, float) and 0.0 < eps < 1.0):
-        raise ValueError(f"grad_filter_eps must be a float in (0, 1) or None (exact gradients), got {eps!r}; "
-                         "CCE's 'auto' for bf16 is 2.0**-12")
+        raise ValueError(f"grad_filter_eps must be a float in (0, 1), 'auto' (CCE's default: 2**-12 for bf16) "
+                         f"or None (exact gradients), got {eps!r}")
+    return eps
 
 
 def _static_options(impl, interpret, logit_softcap, temperature, with_kl, kl_direction,

@@ -75,7 +75,7 @@ def sharded_lm_head(hidden, weight, targets, *, mesh: Mesh,
         cols = ()  # these statistics need every column of a row on one device
     targets, valid = lm_head._valid_targets(targets, vocab, where)
     row_hash = gumbel.noise_row_hash(sample_rng, n) if opts.with_sample else None
-    lm_head.check_grad_filter_eps(grad_filter_eps)
+    grad_filter_eps = lm_head.resolve_grad_filter_eps(grad_filter_eps, hidden.dtype)
     blocks = (block_n, block_v, block_d, bwd_rows, grad_filter_eps)
     rspec, cspec = _spec(rows), _spec(cols)
     row_in, w_in = P(rspec, None), (P(cspec, None) if vd else P(None, cspec))

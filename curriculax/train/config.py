@@ -79,7 +79,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Rows per backward group of the fused head: None (one group, d_W rounded once) | "auto" |
     # int. Smaller groups shrink the float32 d_hidden accumulator (see kernels/lm_head.py).
     c.objective.bwd_rows = None
-    # CCE-style gradient filtering of the Pallas backward: None (exact) | eps, e.g. 2**-12.
+    # CCE-style gradient filtering of the Pallas backward: None (exact) | "auto" (CCE's
+    # default, 2**-12 in bf16) | eps.
     # Skips the GEMM work of logit tiles whose probabilities are all < eps; approximate.
     c.objective.grad_filter_eps = None
 
