@@ -90,3 +90,9 @@ def test_train_step_with_pallas_under_shard_map_matches_one_device():
 def test_vocab_parallel_with_a_vd_head():
     """A ``[V, d]`` head (a tied embedding) splits its rows over ``tensor``."""
     _check((2, 1, 4), "pallas_gpu", vd=True)
+
+
+def test_gradient_filter_under_shard_map():
+    """``grad_filter_eps`` runs per shard (each shard filters on its own, larger, probabilities:
+    conservative); with nothing below eps it is the exact result."""
+    _check((2, 1, 4), "pallas_gpu", grad_filter_eps=1e-30)
