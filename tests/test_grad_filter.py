@@ -1,4 +1,4 @@
-"""Gradient filtering (``grad_filter_eps``) of the ``pallas_gpu`` backward, in interpret mode.
+"""Gradient filtering (``grad_filter_eps``) of the Pallas backwards, in interpret mode.
 
 The rule (CCE's ``filter_eps``, generalized to every statistic): a dlogits tile whose softmax
 probabilities are all ``< eps`` -- the reference head's too when a KL is asked for -- and which
@@ -101,8 +101,10 @@ def _max_rel(a, b):
 ])
 def test_filtered_backward_matches_tile_rule(vd, with_sample, rows, gemm_blocks):
     """The skip-aware in-place GEMMs give exactly the dense gradients of the tile-filtered
-    dlogits, for GEMM tiles smaller and larger than the dlogits tiles, both head layouts,
-    with row groups and with sampling (its one-hot term keeps a tile alive)."""
+    dlogits, for requested GEMM tiles smaller and larger than the dlogits tiles, both head
+    layouts, with row groups and with sampling (its one-hot term keeps a tile alive).  Dead
+    tiles are never stored, and interpret mode fills unwritten outputs with NaN: a GEMM that
+    read one would fail this."""
     h, w, wr, rg, opts = _case(with_sample, vd)
     want, dead = _filtered_reference(h, w, wr, rg, opts, _gpu_tiles(rows or N), EPS)
     assert 0.05 < dead < 0.9, dead  # the case exercises both skipped and kept tiles
