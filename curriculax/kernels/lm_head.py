@@ -61,8 +61,9 @@ gradients' size in all (default: 1.21-1.35x) for 1.18-1.21x the time.
 
 Gradient filtering (``grad_filter_eps``, the Pallas impls; default None = exact): the
 approximation Apple's Cut Cross-Entropy makes by default (``filter_eps="auto"``, ``2**-12`` in
-bf16; ``grad_filter_eps="auto"`` picks the same ``finfo(hidden.dtype).eps / 32``).  A backward tile of logits whose softmax probabilities are all ``< eps`` (and the
-reference head's too, with a KL) and which holds no target or sampled token is dropped and
+bf16; ``grad_filter_eps="auto"`` picks the same ``finfo(hidden.dtype).eps / 32``).  A backward
+tile of logits whose softmax probabilities are all ``< eps`` (and the reference head's too,
+with a KL) and which holds no target or sampled token is dropped and
 its update matmuls are skipped (``pallas_gpu``: in-place GEMMs that loop over live tiles;
 ``pallas_tpu``: a ``pl.when``, untested on hardware).  Each dropped term is below ``eps`` times
 the row's cotangents (times ``|log p|`` for entropy and KL), but they add up: on the bench's
