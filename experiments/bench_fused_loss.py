@@ -26,6 +26,10 @@ allocator) and tokamax's ``linear_softmax_cross_entropy_loss`` (JAX; its
 (backward in row groups: smaller float32 ``d_hidden`` accumulator, one more
 bf16 rounding of ``d_weight`` per group).
 
+``--profile`` (GPU): per-kernel device time of the pallas_gpu step with one
+group and with ``bwd_rows="auto"`` from a ``jax.profiler`` trace (busy vs idle
+span, launches per step, the costliest kernels).
+
 On ``--device=gpu`` a correctness check of ``pallas_gpu`` (compiled, not
 interpreted) against ``xla_naive`` runs first (``--no-check`` skips it).
 On CPU the shapes are divided by ``--cpu-scale`` (default 8 for N and V, 4 for
@@ -74,6 +78,9 @@ def _parse_args(argv=None):
     ap.add_argument("--sweep", nargs="?", const="all", default=None, choices=["all", "bwd"],
                     help="GPU tuning: time pallas_gpu forward/backward block configs and xla_chunked chunk "
                          "widths (bwd: the pallas backward configs only)")
+    ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=False,
+                    help="GPU: per-kernel device time of the pallas_gpu step (one group vs bwd_rows=auto) "
+                         "from a jax.profiler trace: where the row groups lose time")
     ap.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -414,6 +421,80 @@ def _sweep(jax, jnp, n, d, v, iters, which="all"):
     return rows
 
 
+def _device_kernels(trace_dir):
+    """``(kernel events, span)`` of the device streams in a ``jax.profiler`` perfetto trace:
+    events ``(name, ts, dur)`` in microseconds, span from the first start to the last end."""
+    import glob
+    import gzip
+
+    path = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
+    with gzip.open(path) as f:
+        ev = json.load(f)
+    ev = ev["traceEvents"] if isinstance(ev, dict) else ev
+    procs = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    dev = [e for e in ev if e.get("ph") == "X" and "dur" in e and "GPU" in procs.get(e["pid"], "")]
+    # a GPU process also has per-module / per-op summary rows; the kernels are on the "Stream" rows
+    streams = [e for e in dev if threads.get((e["pid"], e.get("tid")), "").startswith("Stream")]
+    kern = [(e["name"], float(e["ts"]), float(e["dur"])) for e in (streams or dev)]
+    if not kern:
+        return [], 0.0
+    return kern, max(t + d for _, t, d in kern) - min(t for _, t, _ in kern)
+
+
+def _kernel_summary(kern, span, calls):
+    """Per call: device span, busy time (union of kernel intervals), launches, top kernels."""
+    busy, end = 0.0, -1e30
+    for _, t, d in sorted(kern, key=lambda k: k[1]):
+        busy += max(0.0, t + d - max(t, end))
+        end = max(end, t + d)
+    by = {}
+    for name, _, d in kern:
+        base = re.sub(r"[._]\d+$", "", name)  # fusion.12 / loop_fusion_3: one row per kind
+        n, tot = by.get(base, (0, 0.0))
+        by[base] = (n + 1, tot + d)
+    top = sorted(by.items(), key=lambda kv: -kv[1][1])[:6]
+    return {"span ms": span / calls / 1e3, "busy ms": busy / calls / 1e3, "idle %": 100 * (1 - busy / span),
+            "launches": len(kern) / calls,
+            "top kernels (launches, ms per call)": "; ".join(
+                f"{k} ({n / calls:.0f}, {tot / calls / 1e3:.2f})" for k, (n, tot) in top)}
+
+
+def _profile(jax, jnp, shapes, iters):
+    """Device-side breakdown of the pallas_gpu step, one group vs ``bwd_rows="auto"``."""
+    import tempfile
+
+    from curriculax.kernels import fused_lm_head
+
+    rows = []
+    for n, d, v in shapes:
+        k = jax.random.split(jax.random.key(0), 3)
+        h = (jax.random.normal(k[0], (n, d)) / d**0.25).astype(jnp.bfloat16)
+        w = (jax.random.normal(k[1], (d, v)) / d**0.25).astype(jnp.bfloat16)
+        t = jax.random.randint(k[2], (n,), 0, v)
+        for rows_ in (None, "auto"):
+            def ce(h_, w_, rows_=rows_):
+                return -jnp.mean(fused_lm_head(h_, w_, t, impl="pallas_gpu", interpret=False,
+                                               bwd_rows=rows_).target_logprob)
+
+            step = jax.jit(jax.value_and_grad(ce, argnums=(0, 1)))
+            label = {"N x d x V": f"{n}x{d}x{v}", "config": f"bwd_rows={rows_}"}
+            try:
+                jax.block_until_ready(step(h, w))
+                with tempfile.TemporaryDirectory() as tmp:
+                    with jax.profiler.trace(tmp, create_perfetto_trace=True):  # back to back: no host gaps
+                        jax.block_until_ready([step(h, w) for _ in range(iters)])
+                    kern, span = _device_kernels(tmp)
+                row = {**label, **_kernel_summary(kern, span, iters)} if kern else {
+                    **label, "top kernels (launches, ms per call)": "no device kernel events in the trace"}
+            except Exception as e:  # noqa: BLE001
+                row = {**label, "top kernels (launches, ms per call)": f"failed: {type(e).__name__}: {str(e)[:160]}"}
+            rows.append(row)
+            print(row, flush=True)
+            jax.clear_caches()
+    return rows
+
+
 def _cpu_model():
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -489,6 +570,8 @@ def main(argv=None):
     sweeps = []  # (shape, rows): "bwd" sweeps every shape, "all" the first
     for shape in (shapes if args.sweep == "bwd" else shapes[:1]) if (on_gpu and args.sweep) else ():
         sweeps.append((shape, _sweep(jax, jnp, *shape, iters, args.sweep)))
+
+    profile_rows = _profile(jax, jnp, shapes, min(iters, 3)) if (on_gpu and args.profile) else []
 
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     rows = []
@@ -576,6 +659,11 @@ def main(argv=None):
 
         lines.append(f"\nIn-place GEMM tiles of the `gemm=pallas` rows below (the sweep's fastest): "
                      f"`{pallas_gpu.GEMM_CONFIG}`")
+    if profile_rows:
+        lines += ["", "Device kernels of the pallas_gpu step (fwd+bwd, CE; `jax.profiler` trace, per call; "
+                  "idle = span not covered by any kernel):", "",
+                  _table(profile_rows, ["N x d x V", "config", "span ms", "busy ms", "idle %", "launches",
+                                        "top kernels (launches, ms per call)"])]
     lines += ["", _table(rows, cols), "", f"(total wall time {time.perf_counter() - wall0:.0f} s)"]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -23,5 +23,5 @@ nvidia-smi -L | tee "$OUT/device.txt"
 python3 -c "import jax, flax, torch, triton; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$OUT/device.txt"
 run() { echo "== ${*:2}"; timeout "$1" "${@:2}" 2>&1 | tee -a "$OUT/log.txt"; echo "rc=${PIPESTATUS[0]} ${*:2}" | tee -a "$OUT/log.txt"; }
 # BENCH_ARGS narrows a re-run, e.g. BENCH_ARGS="--impls xla_naive,pallas --no-torch --no-all-stats"
-run ${BENCH_S:-540} python3 experiments/bench_fused_loss.py --device=gpu --pallas-blocks "" --sweep bwd ${BENCH_ARGS:-} --out "$OUT/fused_loss.md"
+run ${BENCH_S:-540} python3 experiments/bench_fused_loss.py --device=gpu --pallas-blocks "" --sweep bwd --profile ${BENCH_ARGS:-} --out "$OUT/fused_loss.md"
 [ "${STEP_S:-0}" -gt 0 ] && run ${STEP_S} python3 experiments/bench_step.py --device=gpu --out "$OUT/step_gpu.md"
