@@ -22,7 +22,13 @@ def test_advantages_worked_numbers():
     np.testing.assert_allclose(pop[0], [0.999998, -0.999998, -0.999998, 0.999998], rtol=1e-6)
     none = grpo.advantages(jnp.array([[1.0, 0, 0, 0]]), std="none")
     np.testing.assert_allclose(none[0], [0.75, -0.25, -0.25, -0.25])
-    assert not np.isnan(grpo.advantages(jnp.zeros((3, 1)))).any()
+    # float32 leaves r - mean(r) ~ 1e-7 in these all-equal groups: still exactly 0, not ~0.1
+    for r, g in ((3.0, 7), (1.5, 7), (0.7, 8), (0.1, 8)):
+        for std in grpo.STD_MODES:
+            np.testing.assert_array_equal(grpo.advantages(jnp.full((1, g), r), std=std), 0.0)
+    # a group of one: mu = 0, sigma = 1 (verl)
+    np.testing.assert_allclose(grpo.advantages(jnp.array([[1.0], [0.0]]))[:, 0], [1 / (1 + 1e-6), 0.0])
+    np.testing.assert_array_equal(grpo.advantages(jnp.array([[2.0]]), std="none"), [[2.0]])
     with pytest.raises(ValueError, match="rl.advantage_std"):
         grpo.advantages(jnp.ones((1, 2)), std="mad")
 
@@ -58,6 +64,11 @@ def test_aggregation_worked_numbers():
     relift = jnp.array([[0.2, 0.2, 0, 0], [-0.1, -0.1, -0.1, 0]])
     rmask = jnp.array([[1, 1, 0, 0], [1, 1, 1, 0]], bool)
     np.testing.assert_allclose(grpo.aggregate(relift, rmask, "seq_sum_norm"), 0.025, rtol=1e-6)
+    # the same responses laid out as the RL step scores them: W - 1 = 5 prompt columns in front
+    # (mask 0), width W + N - 1 = 9; T_max is still the response length N = 4
+    wide, wmask = (jnp.pad(x, ((0, 0), (5, 0))) for x in (relift, rmask))
+    np.testing.assert_allclose(grpo.aggregate(wide, wmask, "seq_sum_norm", t_max=4), 0.025, rtol=1e-6)
+    np.testing.assert_allclose(grpo.aggregate(wide, wmask, "dr_grpo", t_max=4), 0.0125, rtol=1e-6)
 
 
 def _reference_loss(logp, old, adv, mask, eps):

@@ -38,6 +38,17 @@ def test_policy_equal_reference_gives_log2():
     np.testing.assert_allclose(spin.loss(s[0], s[1], s[0], s[1])[0], 0.6931472, rtol=1e-6)
 
 
+def test_pair_loss_weights():
+    """A curriculum's per-pair weights: mean(w * loss); the metrics stay unweighted."""
+    pc, pr, rc, rr = ([-10.0, -5.0], [-12.0, -5.0], [-11.0, -5.0], [-11.0, -5.0])
+    (l0, _), (l1, m1) = _dpo(pc, pr, rc, rr), _dpo(pc, pr, rc, rr, weights_B=jnp.array([1.5, 0.5]))
+    np.testing.assert_allclose(l0, (0.5981389 + np.log(2.0)) / 2, rtol=1e-6)
+    np.testing.assert_allclose(l1, (1.5 * 0.5981389 + 0.5 * np.log(2.0)) / 2, rtol=1e-6)
+    np.testing.assert_allclose(m1["reward_margin"], 0.1, rtol=1e-6)
+    args = [jnp.array([v, v]) for v in (-20.0, -15.0, -22.0, -14.0)]
+    np.testing.assert_allclose(spin.loss(*args, weights_B=jnp.array([2.0, 0.0]))[0], 0.5543552, rtol=1e-6)
+
+
 def test_spin_example_3_sigmoid_and_hinge():
     args = [jnp.array([v]) for v in (-20.0, -15.0, -22.0, -14.0)]
     np.testing.assert_allclose(spin.loss(*args, beta=0.1)[0], 0.5543552, rtol=1e-6)

@@ -137,16 +137,30 @@ def test_spin_starts_at_log2_and_swaps_the_opponent():
     np.testing.assert_allclose(hist[2]["loss"], np.log(2.0), rtol=1e-5)
 
 
-def test_nft_loss_runs_in_the_rl_step():
+def test_nft_loss_runs_in_the_rl_step(monkeypatch):
+    from curriculax.rl import grpo
+
+    seen, aggregate = [], grpo.aggregate
+
+    def spy(tok, mask, mode, weights=None, t_max=None):
+        seen.append((mode, t_max, mask.shape))
+        return aggregate(tok, mask, mode, weights, t_max=t_max)
+
+    monkeypatch.setattr(grpo, "aggregate", spy)
     cfg = rl_config(**{"rl.loss": "nft", "rl.rewards": (("test_starts_with_digit", 1.0),),
                        "rl.aggregation": "dr_grpo", "rl.inner_steps": 2, "rl.minibatches": 2})
     _, _, hist = _run_steps(cfg, 2)
     assert all(np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) for h in hist)
+    # Dr. GRPO's constant is the response length, not the prompt + response width it is scored on
+    mode, t_max, (_, width) = seen[0]
+    assert (mode, t_max) == ("dr_grpo", cfg.rl.max_new_tokens) and width > t_max
 
 
 def test_rl_config_errors_name_the_field():
     with pytest.raises(ValueError, match="rl.rewards"):
         build(rl_config(**{"rl.rewards": (("no_such_reward", 1.0),)}))
+    with pytest.raises(ValueError, match="rl.temperature=0.0 must be > 0"):
+        build(rl_config(**{"rl.temperature": 0.0}))
     with pytest.raises(ValueError, match="pool_size"):
         build(rl_config(**{"data.pool_size": 16}))
     with pytest.raises(ValueError, match="rl.minibatches"):
@@ -183,12 +197,22 @@ def _pairs_file(tmp_path, n=24, seed=0):
     return path
 
 
-def test_dpo_trainer_on_pairs(tmp_path):
+def test_dpo_trainer_on_pairs(tmp_path, monkeypatch):
+    from curriculax.rl import dpo
+
+    weights, loss = [], dpo.loss
+
+    def spy(*args, weights_B=None, **kw):
+        weights.append(weights_B)
+        return loss(*args, weights_B=weights_B, **kw)
+
+    monkeypatch.setattr(dpo, "loss", spy)
     path, held_out = _pairs_file(tmp_path), _pairs_file(tmp_path, 8, seed=1)
     cfg = rl_config(**{"trainer": "dpo", "data.source": "jsonl", "data.path": str(path),
                        "data.eval_path": str(held_out), "data.num_train": 0, "data.num_eval": 8,
                        "optimizer.warmup_steps": 0, "optimizer.lr": 3e-3})
     exp, state, hist = _run_steps(cfg, 6)
+    assert weights[0].shape == (cfg.batch_size,)  # the curriculum's loss weights reach the loss
     np.testing.assert_allclose(hist[0]["loss"], np.log(2.0), rtol=1e-5)  # policy == reference
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert hist[-1]["dpo/reward_accuracy"] > 0.5 and hist[-1]["dpo/reward_margin"] > 0

@@ -69,11 +69,12 @@ def pair_losses(z_B: jax.Array, *, beta: float = 0.1, label_smoothing: float = 0
 
 
 def loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, *, beta: float = 0.1,
-         label_smoothing: float = 0.0, kind: str = "sigmoid"):
+         label_smoothing: float = 0.0, kind: str = "sigmoid", weights_B=None):
     """Mean preference loss over pairs and detached metrics.
 
     Inputs are sequence log-probs ``[B]`` (:func:`sequence_logprob`); the reference ones should
-    carry no gradient (the caller stop-gradients them). Returns ``(loss, metrics)`` with
+    carry no gradient (the caller stop-gradients them). ``weights_B``: per-pair loss weights (a
+    curriculum's, mean ~1), ``mean(w * loss)``; None: all 1. Returns ``(loss, metrics)`` with
     ``reward_chosen``, ``reward_rejected`` (mean implicit rewards), ``reward_accuracy``
     (fraction with ``r_w > r_l``) and ``reward_margin`` (mean ``r_w - r_l``).
     """
@@ -86,4 +87,6 @@ def loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, *, be
     metrics = {"reward_chosen": r_w.mean(), "reward_rejected": r_l.mean(),
                "reward_accuracy": (r_w > r_l).astype(jnp.float32).mean(),
                "reward_margin": (r_w - r_l).mean()}
+    if weights_B is not None:
+        losses = losses * weights_B.astype(jnp.float32)
     return losses.mean(), metrics

@@ -39,17 +39,24 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "dr_g
 
 
 def advantages(rewards_PxG, eps: float = 1e-6, *, std: str = "bessel") -> jax.Array:
-    """Group-normalized advantages ``[P, G]``; all-equal groups give exactly 0."""
+    """Group-normalized advantages ``[P, G]``; all-equal groups give exactly 0.
+
+    A group of one response has ``mu = 0, sigma = 1`` (verl), so ``A = r / (1 + eps)``.
+    """
     if std not in STD_MODES:
         raise ValueError(f"rl.advantage_std={std!r}: choose one of {STD_MODES}.")
     r = rewards_PxG.astype(jnp.float32)
     g = r.shape[-1]
+    if g == 1:
+        return r if std == "none" else r / (1.0 + eps)
     centered = r - r.mean(-1, keepdims=True)
-    if std == "none" or g == 1:
-        return centered if g > 1 else jnp.zeros_like(r)
-    ddof = 1 if std == "bessel" else 0
-    sigma = jnp.sqrt(jnp.sum(centered**2, -1, keepdims=True) / (g - ddof))
-    return centered / (sigma + eps)
+    if std != "none":
+        ddof = 1 if std == "bessel" else 0
+        sigma = jnp.sqrt(jnp.sum(centered**2, -1, keepdims=True) / (g - ddof))
+        centered = centered / (sigma + eps)
+    # float32 rounding leaves r - mean(r) ~ 1e-7 in an all-equal group, and sigma is as small:
+    # without this the whole group would get a spurious A of order 0.1
+    return jnp.where(jnp.all(r == r[..., :1], -1, keepdims=True), 0.0, centered)
 
 
 def clipped_token_loss(logp, logp_old, advantage_B, *, eps_low: float = 0.2,
@@ -69,12 +76,17 @@ def kl_k3(logp, logp_ref):
     return jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
 
 
-def aggregate(token_loss_BxT, mask_BxT, mode: str = "token_mean", weights_B=None):
-    """Reduces masked per-token losses to the batch loss (see the module docstring)."""
+def aggregate(token_loss_BxT, mask_BxT, mode: str = "token_mean", weights_B=None, t_max=None):
+    """Reduces masked per-token losses to the batch loss (see the module docstring).
+
+    ``t_max``: the constant of ``dr_grpo`` / ``seq_sum_norm``, the padded *response* length
+    (``rl.max_new_tokens``); None: the mask's width, right only when its columns are the response.
+    """
     if mode not in AGGREGATIONS:
         raise ValueError(f"rl.aggregation={mode!r}: choose one of {AGGREGATIONS}.")
     m = mask_BxT.astype(jnp.float32)
-    b, t_max = m.shape
+    b = m.shape[0]
+    t_max = m.shape[1] if t_max is None else t_max
     w = jnp.ones((b,), jnp.float32) if weights_B is None else weights_B
     per_row = jnp.sum(token_loss_BxT * m, -1) * w
     if mode == "token_mean":

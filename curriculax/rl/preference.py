@@ -82,17 +82,18 @@ def _sequence_logprob(model, seq, head):
 
 
 def _pair_loss_fn(graphdef, head, loss):
-    """``(params, ref_params, chosen, rejected) -> (loss, (metrics, chosen NLL [B]))``."""
+    """``(params, ref_params, chosen, rejected, weights) -> (loss, (metrics, chosen NLL [B]))``;
+    ``weights``: the curriculum's per-pair loss weights."""
     def logps(params, chosen, rejected):
         model = nnx.merge(graphdef, params)
         c, stats = _sequence_logprob(model, chosen, head)
         r, _ = _sequence_logprob(model, rejected, head)
         return c, r, stats
 
-    def fn(params, ref_params, chosen, rejected):
+    def fn(params, ref_params, chosen, rejected, weights):
         c, r, stats = logps(params, chosen, rejected)
         rc, rr, _ = jax.lax.stop_gradient(logps(ref_params, chosen, rejected))
-        value, metrics = loss(c, r, rc, rr)
+        value, metrics = loss(c, r, rc, rr, weights_B=weights)
         n = jnp.maximum(chosen.loss_mask.sum(-1), 1)
         nll = -jnp.sum(stats.target_logprob * chosen.loss_mask, -1) / n
         return value, (metrics, jax.lax.stop_gradient(nll))
@@ -118,8 +119,8 @@ def _finish(state, *, curriculum, optimizer, lr_schedule, grads, loss, metrics, 
 
 def make_dpo_step(*, graphdef, curriculum, optimizer, lr_schedule, config, mesh=None, rules=()):
     c = config.rl
-    grad_fn = _pair_loss_fn(graphdef, head_options(config, mesh, rules), lambda *s: dpo.loss(
-        *s, beta=float(c.dpo_beta), label_smoothing=float(c.dpo_label_smoothing),
+    grad_fn = _pair_loss_fn(graphdef, head_options(config, mesh, rules), lambda *s, **w: dpo.loss(
+        *s, **w, beta=float(c.dpo_beta), label_smoothing=float(c.dpo_label_smoothing),
         kind=c.dpo_kind))
 
     def dpo_step(state, bank: PairBank):
@@ -127,7 +128,8 @@ def make_dpo_step(*, graphdef, curriculum, optimizer, lr_schedule, config, mesh=
         indices, weights = curriculum.sample(state.curriculum, sample_rng, bank.meta(),
                                              config.batch_size)
         chosen, rejected = bank.chosen.gather(indices), bank.rejected.gather(indices)
-        (loss, (metrics, nll)), grads = grad_fn(state.params, state.ref_params, chosen, rejected)
+        (loss, (metrics, nll)), grads = grad_fn(state.params, state.ref_params, chosen, rejected,
+                                                weights)
         return _finish(state, curriculum=curriculum, optimizer=optimizer,
                        lr_schedule=lr_schedule, grads=grads, loss=loss, metrics=metrics,
                        nll=nll, rows=chosen, indices=indices, weights=weights, rng=rng,
@@ -140,8 +142,8 @@ def make_spin_step(*, graphdef, curriculum, optimizer, lr_schedule, config, prom
                    eos_id, pad_id: int, mesh=None, rules=()):
     rl = config.rl
     every = int(rl.spin_steps_per_iteration)
-    grad_fn = _pair_loss_fn(graphdef, head_options(config, mesh, rules), lambda *s: spin.loss(
-        *s, beta=float(rl.spin_beta), kind=rl.spin_loss))
+    grad_fn = _pair_loss_fn(graphdef, head_options(config, mesh, rules), lambda *s, **w: spin.loss(
+        *s, **w, beta=float(rl.spin_beta), kind=rl.spin_loss))
 
     def spin_step(state, bank):
         rng, sample_rng, gen_rng = jax.random.split(state.rng, 3)
@@ -154,7 +156,7 @@ def make_spin_step(*, graphdef, curriculum, optimizer, lr_schedule, config, prom
                            temperature=float(rl.temperature), top_p=float(rl.top_p),
                            eos_id=eos_id, pad_id=pad_id)
         (loss, (metrics, nll)), grads = grad_fn(state.params, state.ref_params, rows,
-                                                sequences(prompt, pmask, gen))
+                                                sequences(prompt, pmask, gen), weights)
         new_iteration = (state.step + 1) % every == 0  # theta_{t+1} becomes the opponent
 
         def next_opponent(params):

@@ -27,8 +27,9 @@ sigmoid loss, RMSprop lr 5e-7, linear schedule with warmup ratio 0.1, global bat
 max length 1024 (prompt 512), 3 epochs per iteration; the paper reports 4 iterations (iter0-3).
 The official repo also mixes the previous iteration's synthetic pairs into each iteration's data.
 In the training config these are ``rl.spin_beta``, ``rl.spin_loss`` and
-``rl.spin_steps_per_iteration`` (the in-jit step, :mod:`curriculax.rl.spin_step`, counts
-iterations in optimizer steps, not epochs, and samples fresh generations every step).
+``rl.spin_steps_per_iteration`` (the in-jit step, :func:`curriculax.rl.preference.make_spin_step`,
+counts iterations in optimizer steps, not epochs, and samples fresh generations every step; its
+optimizer state and schedule run on across iterations, where the official scripts restart them).
 
 Usage::
 
@@ -67,15 +68,15 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def loss(policy_real_B, policy_generated_B, opponent_real_B, opponent_generated_B, *,
-         beta: float = 0.1, kind: str = "sigmoid"):
+         beta: float = 0.1, kind: str = "sigmoid", weights_B=None):
     """SPIN loss over pairs: :func:`dpo.loss` with chosen = gold, rejected = the opponent's sample.
 
     Sequence log-probs ``[B]``; the opponent's (``theta_t``) should carry no gradient.
-    Returns ``(loss, metrics)`` as :func:`dpo.loss`.
+    ``weights_B`` and the returned ``(loss, metrics)`` as :func:`dpo.loss`.
     """
     dpo.check_kind(kind, "rl.spin_loss", KINDS)
     return dpo.loss(policy_real_B, policy_generated_B, opponent_real_B, opponent_generated_B,
-                    beta=beta, kind=kind)
+                    beta=beta, kind=kind, weights_B=weights_B)
 
 
 def iteration(step, steps_per_iteration: int) -> jax.Array:

@@ -98,7 +98,7 @@ def make_rl_step(*, graphdef, curriculum, optimizer, lr_schedule, config, host_r
         tok = loss_fn.token_loss(logp, old, signals, rl)
         kl = jnp.zeros_like(logp) if ref_logp is None else grpo.kl_k3(logp, ref_logp)
         tok = tok + kl_coef * kl
-        loss = grpo.aggregate(tok, seq.loss_mask, rl.aggregation, weights)
+        loss = grpo.aggregate(tok, seq.loss_mask, rl.aggregation, weights, t_max=int(rl.max_new_tokens))
         m = seq.loss_mask.astype(jnp.float32)
         ratio = jnp.exp(logp - old)
         a = signals.advantage[:, None]  # clipped = the surrogate's gradient is cut (TRL's count)

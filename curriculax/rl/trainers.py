@@ -17,6 +17,9 @@ def _check(cfg):
     if jax.process_count() > 1:
         raise ValueError(f"config.trainer={cfg.trainer!r} computes rewards in a host callback, "
                          f"which runs in one process: multi-process RL is not supported yet.")
+    if not cfg.rl.temperature > 0:  # scoring divides the hidden states by it
+        raise ValueError(f"config.rl.temperature={cfg.rl.temperature} must be > 0 (greedy decoding "
+                         f"has no log-probs to train on; use a small value such as 0.01).")
 
 
 def _model_fn(exp):
