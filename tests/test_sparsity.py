@@ -62,6 +62,21 @@ def test_lift_randomized_low_rank_matches_exact():
     exact = lift.low_rank(w, 3)
     approx = lift.low_rank(w, 3, exact_svd_max=8)  # forces the range finder
     np.testing.assert_allclose(approx, exact, atol=1e-4)
+    # full rank, s_i = 1/i: the opt-in range finder's mask vs the exact (default) one
+    m, n, r = 192, 160, 8
+    u, v = (np.linalg.qr(rng.normal(size=(x, x)))[0] for x in (m, n))
+    w = ((u[:, :n] / np.arange(1, n + 1)) @ v.T).astype(np.float32)
+    u_, s_, vt_ = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+    reference = np.abs((u_[:, :r] * s_[:r]) @ vt_[:r])
+    k = lift.budget(m, n, lora_rank=2)
+    exact = np.asarray(lift.indices(w, r, k))
+    np.testing.assert_array_equal(exact, np.sort(np.argsort(-reference.ravel(), kind="stable")[:k]))
+
+    def overlap(**kw):
+        return len(np.intersect1d(exact, lift.indices(w, r, k, exact_svd_max=8, **kw))) / k
+
+    assert overlap() > 0.99 and overlap(power_iters=0) < 0.95
+    assert lift.default_config()["exact_svd_max"] is None  # the paper's exact SVD by default
 
 
 def test_matrix_view():

@@ -138,16 +138,17 @@ def matches(pattern: str, path: str) -> bool:
 
 # The default optimizer and its masked versions --------------------------------------------------
 
-def base_optimizer(opt_config, total_steps: int, *, weight_decay=None,
+def base_optimizer(opt_config, total_steps: int, *, weight_decay=None, eps=None,
                    decay_mask=None) -> optax.GradientTransformation:
-    """Clip + AdamW as :func:`curriculax.train.optim.make_optimizer`, with overrides."""
+    """Clip + AdamW as :func:`curriculax.train.optim.make_optimizer`, with overrides (None:
+    ``opt_config``'s value)."""
     from curriculax.train import optim
 
     wd = opt_config.weight_decay if weight_decay is None else weight_decay
     return optax.chain(
         optax.clip_by_global_norm(opt_config.grad_clip),
         optax.adamw(optim.schedule(opt_config, total_steps), b1=opt_config.b1, b2=opt_config.b2,
-                    eps=opt_config.eps, weight_decay=wd,
+                    eps=opt_config.eps if eps is None else eps, weight_decay=wd,
                     mask=optim.decay_mask if decay_mask is None else decay_mask),
     )
 

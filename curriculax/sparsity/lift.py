@@ -20,14 +20,17 @@ zeroes all); the bias-correction count is never reset.
 Defaults (``default_config``), from the paper/code (see ``shared/methods/lift.md``):
 ``filter_rank=128``, ``lora_rank=128`` (budget), ``refresh_every=400``; selected matrices: every
 attention/MLP projection (``include``), all other parameters (embeddings, ``lm_head``, norms)
-frozen (``others="frozen"``; ``"dense"`` trains them with ordinary AdamW). The paper's optimizer
-uses weight decay 0 and eps 1e-6: ``weight_decay=None`` takes ``config.optimizer``'s value
-(set ``0.0`` to match the paper). The paper picks the *largest* ``|W_r|`` (the official scripts'
+frozen (``others="frozen"``; ``"dense"`` trains them with ordinary AdamW). The optimizer is
+``config.optimizer``'s AdamW with the paper's ``weight_decay=0.0`` and ``eps=1e-6`` (``None``
+takes ``config.optimizer``'s value). The paper picks the *largest* ``|W_r|`` (the official scripts'
 ``mask_type`` picks the smallest, a flagged discrepancy): ``select="largest"|"smallest"``.
 
-The SVD is exact (``jnp.linalg.svd``) for matrices whose smaller side is at most
-``exact_svd_max``; larger ones use a randomized range finder (``r + oversample`` columns,
-``power_iters`` subspace iterations; Halko et al. 2011) with a fixed key.
+The SVD is exact (``jnp.linalg.svd``, as the paper), the default. ``exact_svd_max=M`` opts
+into a randomized range finder for matrices whose smaller side exceeds ``M`` (the official
+code's optional ``svd_lowrank`` variant: ``r + oversample`` columns, ``oversample=None`` -> ``r``,
+``power_iters`` subspace iterations; Halko et al. 2011) with a fixed key. It is only as good as
+the spectrum decays: on a 192x160 matrix with ``s_i ~ 1/i`` its r=8 mask matches the exact one
+on 99.9% of entries (88% without power iterations); on a Gaussian (flat) matrix on ~30%.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ from curriculax.sparsity import base
 def default_config() -> dict:
     return dict(filter_rank=128, lora_rank=128, density=0.0, refresh_every=400,
                 reset_moments=False, include=r"layers/\d+/(attn/[qkvo]|mlp/(gate|up|down))$",
-                others="frozen", weight_decay=None, select="largest", exact_svd_max=1024,
-                oversample=8, power_iters=2)
+                others="frozen", weight_decay=0.0, eps=1e-6, select="largest", exact_svd_max=None,
+                oversample=None, power_iters=2)
 
 
 # The mask -------------------------------------------------------------------------------------
@@ -62,13 +65,15 @@ def budget(m: int, n: int, *, lora_rank: int | None = None, density: float | Non
     return min((m + n) * lora_rank, m * n)
 
 
-def low_rank(w, rank: int, *, exact_svd_max: int = 1024, oversample: int = 8,
+def low_rank(w, rank: int, *, exact_svd_max: int | None = None, oversample: int | None = None,
              power_iters: int = 2, key=None):
-    """Rank-``rank`` approximation of a 2-D ``w`` in float32 (exact SVD, or randomized)."""
+    """Rank-``rank`` approximation of a 2-D ``w`` in float32: exact SVD, or randomized when the
+    smaller side exceeds ``exact_svd_max`` (``oversample`` None: ``rank`` extra columns)."""
     w = jnp.asarray(w, jnp.float32)
     m, n = w.shape
     rank = min(rank, m, n)
-    if min(m, n) <= exact_svd_max or rank + oversample >= min(m, n):
+    oversample = rank if oversample is None else oversample
+    if exact_svd_max is None or min(m, n) <= exact_svd_max or rank + oversample >= min(m, n):
         u, s, vt = jnp.linalg.svd(w, full_matrices=False)
         return (u[:, :rank] * s[:rank]) @ vt[:rank]
     key = jax.random.PRNGKey(0) if key is None else key
@@ -252,7 +257,7 @@ def build(config, abstract_params) -> base.Sparsity:
         decay = _pmap(lambda lp, p: lp.kind == "sparse" or (lp.kind == "dense" and p.ndim >= 2),
                       tree, abstract_params)
     inner = base.base_optimizer(config.optimizer, config.steps, weight_decay=cfg.weight_decay,
-                                decay_mask=decay)
+                                eps=cfg.eps, decay_mask=decay)
     optimizer = sparse_state(inner, tree)
 
     def init_masks(params, rng):
