@@ -1,5 +1,7 @@
 """Parameter selection: LIFT masks and sparse-state Adam, HFT rounds, LT-SFT, in the trainer."""
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -244,6 +246,22 @@ def test_hft_worked_step_and_frozen_state():
     np.testing.assert_allclose(p["A"], 0.9)
     np.testing.assert_array_equal(p["B"], 1.0)
     assert not np.any(np.asarray(state[0].trace["B"]))  # no optimizer-state update for B
+
+
+def test_hft_key_follows_the_run_seed_and_the_stage():
+    """The paper resamples the half per stage: the key is not a constant."""
+    cfg = tiny_config()
+    cfg.sparsity = sparsity.config("hft")
+    keys = [hft.stage_key(cfg)]
+    cfg.seed += 1
+    keys.append(hft.stage_key(cfg))
+    cfg.model.init_from = "runs/sft"  # a later stage of a chain
+    keys.append(hft.stage_key(cfg))
+    cfg.sparsity.seed = 7  # an explicit seed wins
+    keys.append(hft.stage_key(cfg))
+    crc = zlib.crc32(b"runs/sft") & 0x7FFFFFFF
+    np.testing.assert_array_equal(keys[3], jax.random.fold_in(jax.random.PRNGKey(7), crc))
+    assert len({tuple(np.asarray(k)) for k in keys}) == 4
 
 
 def test_hft_switches_halves_on_schedule_and_freezes_bitwise():

@@ -15,7 +15,10 @@ recommended reading of the paper's figure (``shared/methods/hft.md``), per trans
 
 Rounds: ``round_steps=0`` (default) keeps one selection for the whole run (the paper's "per
 stage"); ``round_steps=K`` re-draws it after every K steps, inside the jitted step, from
-``fold_in(seed, round)``. Frozen matrices' optimizer state is not updated (no moment decay);
+``fold_in(key, round)``. ``key``: ``PRNGKey(seed)``, ``seed=None`` (default) taking
+``config.seed``; a stage that starts from an earlier run (``config.model.init_from``) folds in a
+hash of that path, so each stage of a chain (SFT, then DPO, ...) draws its own half, as the
+paper resamples per stage. Frozen matrices' optimizer state is not updated (no moment decay);
 it resumes where it stopped when they train again. Memory is that of dense AdamW (the masks
 are per-matrix scalars; a frozen matrix still holds its moments).
 """
@@ -23,6 +26,7 @@ are per-matrix scalars; a frozen matrix still holds its moments).
 from __future__ import annotations
 
 import re
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +35,7 @@ from curriculax.sparsity import base
 
 
 def default_config() -> dict:
-    return dict(round_steps=0, seed=0)
+    return dict(round_steps=0, seed=None)
 
 
 _ATTN = ("q", "k", "v", "o")
@@ -60,11 +64,9 @@ def _category(path: str):
 
 def select(abstract_params, key) -> dict:
     """Per-parameter scalar booleans (``True`` = trains this round). Jit-able."""
-    k_attn, k_mlp, k_norm, k_par, k_top = jax.random.split(key, 5)
+    k_attn, k_mlp, k_norm, k_par, k_top, k_final = jax.random.split(key, 6)
     parity = jax.random.bernoulli(k_par).astype(jnp.int32)
-    has_head = "lm_head" in abstract_params
     top = jax.random.bernoulli(k_top)
-    k_final = jax.random.fold_in(k_top, 1)
 
     def one(path, _):
         layer, group, member = _category(path)
@@ -89,7 +91,6 @@ def select(abstract_params, key) -> dict:
             return first if member == _NORMS[0] else ~first
         return jnp.bool_(True)
 
-    del has_head
     return base.map_with_path(one, abstract_params)
 
 
@@ -97,10 +98,18 @@ def round_index(step, round_steps: int):
     return jnp.zeros((), jnp.int32) if round_steps <= 0 else step // round_steps
 
 
+def stage_key(config) -> jax.Array:
+    """The selection key of this run (see the module docstring)."""
+    seed = base.method_config(config).seed
+    key = jax.random.PRNGKey(config.seed if seed is None else seed)
+    init_from = config.model.get("init_from", "")
+    return jax.random.fold_in(key, zlib.crc32(init_from.encode()) & 0x7FFFFFFF) if init_from else key
+
+
 def build(config, abstract_params) -> base.Sparsity:
     cfg = base.method_config(config)
     inner = base.base_optimizer(config.optimizer, config.steps)
-    key = jax.random.PRNGKey(cfg.seed)
+    key = stage_key(config)
 
     def masks_at(round_):
         return select(abstract_params, jax.random.fold_in(key, round_))
