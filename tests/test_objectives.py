@@ -192,6 +192,13 @@ def test_pkt_weights_worked_examples():
     loss = objectives.reduce_loss(w * ce, mask, jnp.ones(1), objectives.normalizer(mask, "sequence"),
                                   "sequence")
     np.testing.assert_allclose(loss, 56 / 53, rtol=1e-6)
+    # the same row with P marked and a cap that does not bind: w = |O| / |K| = 15, not 35 / 2
+    param = jnp.array([[False] * 2 + [True] * 5 + [False] * 30])
+    w = token_weighted.pkt_weights(key, mask, 100.0, param)
+    np.testing.assert_allclose(w[0, :3], [15.0, 15.0, 1.0])
+    loss = objectives.reduce_loss(token_weighted.renormalize_rows(w, mask) * ce, mask, jnp.ones(1),
+                                  objectives.normalizer(mask, "sequence"), "sequence")
+    np.testing.assert_allclose(loss, (15 * 4 + 5 + 15) / (30 + 5 + 30), rtol=1e-6)
     # Example B.
     k4 = jnp.array([[True] * 4 + [False] * 20])
     assert float(token_weighted.pkt_weights(k4, jnp.ones_like(k4))[0, 0]) == 5.0
@@ -210,6 +217,11 @@ def test_key_tokens_are_first_response_token_and_answer_line():
     np.testing.assert_array_equal(key[0], [0, 1, 0, 0, 0, 1, 1, 1, 1, 0])
     ids = token_weighted.key_token_mask(batch, "ids", (3, 4))
     np.testing.assert_array_equal(ids[0], [0, 0, 0, 1, 1, 0, 0, 0, 0, 0])
+    # through the config, targets 5, 6 as parameter tokens: |K| = 2, |P| = 2, |O| = 4 -> w_K = 2
+    cfg = token_weighted.default_config()
+    cfg.update(key_tokens="ids", key_token_ids=(3, 4), param_token_ids=(5, 6), renormalize=False)
+    w = token_weighted.token_weights(_stats(target_logprob=jnp.zeros((1, 10))), batch, cfg)
+    np.testing.assert_array_equal(w[0] * loss_mask[0], [0, 1, 1, 2, 2, 1, 1, 1, 1, 0])
 
 
 @pytest.mark.parametrize("fn", ["loss", "focal", "entropy", "ref_confidence"])

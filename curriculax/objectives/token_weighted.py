@@ -7,10 +7,11 @@ emphasis changes (the loss scale, and so the learning rate, stays comparable to 
 Weight functions (``weight_fn``):
 
 * ``"key_tokens"`` -- TL-Training "Prioritizing Key Tokens" (Ye et al., 2024, arXiv 2412.15495;
-  code ``Junjie-Ye/TL-Training`` ``GCELoss``). Per sequence with ``|K|`` key and ``|O|`` other
-  loss tokens: ``w_K = min(|O| / |K|, max_weight)`` if ``|K| < |O|`` else 1, ``w_O = 1``;
-  with ``renormalize`` and ``normalization="sequence"`` the row loss is exactly
-  ``(w sum_K l + sum_O l) / (w |K| + |O|)`` (token_weighting.md, example A: 56/53).
+  code ``Junjie-Ye/TL-Training`` ``GCELoss``). Per sequence with ``|K|`` key, ``|P|`` parameter
+  and ``|O|`` other loss tokens: ``w_K = min(|O| / |K|, max_weight)`` if ``|K| < |O|`` else 1,
+  ``w_P = w_O = 1``; with ``renormalize`` and ``normalization="sequence"`` the row loss is exactly
+  ``(w sum_K l + sum_P l + sum_O l) / (w |K| + |P| + |O|)`` (token_weighting.md, example A:
+  56/53). Parameter tokens: targets whose id is in ``param_token_ids`` (default none).
   Key tokens here (``key_tokens``): ``"answer"`` = the first response token plus the final
   answer line (``#### N`` and EOS) -- the decision tokens of a math response, as TL-Training's are
   the first token and the tool name; ``"ids"`` = targets whose id is in ``key_token_ids``.
@@ -51,7 +52,7 @@ def default_config(weight_fn: str = "key_tokens") -> ml_collections.ConfigDict:
     name = "token_weighted_ref" if weight_fn == "ref_confidence" else "token_weighted"
     return ml_collections.ConfigDict(dict(
         name=name, normalization="token", impl="auto", weight_fn=weight_fn, alpha=1.0,
-        focal_gamma=2.0, max_weight=9.0, key_tokens="answer", key_token_ids=(),
+        focal_gamma=2.0, max_weight=9.0, key_tokens="answer", key_token_ids=(), param_token_ids=(),
         weight_max=0.0, renormalize=True))
 
 
@@ -69,12 +70,14 @@ def key_token_mask(batch, key_tokens: str = "answer", key_token_ids=()) -> jax.A
     return mask & (~reasoning_target | first)
 
 
-def pkt_weights(key_BxT, mask_BxT, max_weight: float = 9.0) -> jax.Array:
-    """TL-Training PKT: key tokens get ``min(|O|/|K|, max_weight)`` if ``|K| < |O|``, else 1."""
+def pkt_weights(key_BxT, mask_BxT, max_weight: float = 9.0, param_BxT=None) -> jax.Array:
+    """TL-Training PKT: key tokens get ``min(|O|/|K|, max_weight)`` if ``|K| < |O|``, else 1;
+    parameter tokens (``param_BxT``, not key) keep 1 and do not count in ``|O|``."""
     m = mask_BxT.astype(jnp.float32)
     key = key_BxT.astype(jnp.float32) * m
+    param = 0.0 if param_BxT is None else param_BxT.astype(jnp.float32) * (m - key)
     n_key = key.sum(-1, keepdims=True)
-    n_other = (m - key).sum(-1, keepdims=True)
+    n_other = (m - key - param).sum(-1, keepdims=True)
     w = jnp.where(n_key < n_other, jnp.minimum(n_other / jnp.maximum(n_key, 1.0), max_weight), 1.0)
     return jnp.where(key > 0, w, 1.0)
 
@@ -95,7 +98,11 @@ def token_weights(stats, batch, config) -> jax.Array:
     if fn == "key_tokens":
         key = key_token_mask(batch, config.get("key_tokens", "answer"),
                              config.get("key_token_ids", ()))
-        w = pkt_weights(key, batch.loss_mask, float(config.get("max_weight", 9.0)))
+        param_ids = tuple(config.get("param_token_ids", ()))
+        param = None
+        if param_ids:
+            param = jnp.isin(batch.targets, jnp.asarray(param_ids, jnp.int32)) & batch.loss_mask
+        w = pkt_weights(key, batch.loss_mask, float(config.get("max_weight", 9.0)), param)
     elif fn == "loss":
         w = jnp.maximum(-lp, 0.0) ** alpha
     elif fn == "focal":
