@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -35,12 +36,21 @@ def _ctx(name, cfg, step=0, total=100, curriculum=None):
 
 
 # ---------------------------------------------------------------- Masked Thought
-def test_masked_thought_worked_example_fixed_uniforms():
+def test_masked_thought_worked_example_fixed_uniforms(monkeypatch):
     tokens = jnp.array([[11, 12, 13, 21, 22, 23, 24, 2]])
-    span = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]], bool)
     u = jnp.array([[0.0, 0.0, 0.0, 0.10, 0.55, 0.39, 0.80, 0.05]])  # prompt draws < p too
-    chosen = mt.mask_from_uniforms(span, u, 0.4)
-    np.testing.assert_array_equal(jnp.where(chosen, 99, tokens)[0], [11, 12, 13, 99, 22, 99, 24, 99])
+    # the row as a batch: targets are the next tokens, the response (21 .. eos) is the loss
+    targets = jnp.array([[12, 13, 21, 22, 23, 24, 2, 0]])
+    loss_mask = jnp.array([[0, 0, 1, 1, 1, 1, 1, 0]], bool)
+    z = jnp.zeros((1,), jnp.int32)
+    batch = Batch(tokens=tokens, targets=targets, loss_mask=loss_mask, reasoning_mask=~loss_mask,
+                  prompt_len=z + 3, category=z, difficulty=z, example_id=z)
+    np.testing.assert_array_equal(mt.response_input_mask(batch)[0], [0, 0, 0, 1, 1, 1, 1, 1])
+    cfg = mt.default_config()
+    cfg.update(ratio=0.4, schedule="constant", span="response", mask_id=99)
+    monkeypatch.setattr(jax.random, "uniform", lambda key, shape, *a, **k: u)  # the spec's draws
+    out = mt.apply(batch, jax.random.PRNGKey(0), _ctx("masked_thought", cfg))
+    np.testing.assert_array_equal(out.tokens[0], [11, 12, 13, 99, 22, 99, 24, 99])
 
 
 def test_masked_thought_schedule_worked_example():
@@ -128,7 +138,22 @@ def test_scheduled_sampling_decays_and_mixes_worked_examples():
     np.testing.assert_allclose([d("linear_decay", i, k=1, c=1e-5, limit=0.1) for i in (0, 50000, 100000)],
                                [1.0, 0.5, 0.1], atol=1e-6)
     table = jnp.array([[1.0, 0], [0, 1], [1, 1]])
-    soft = jax.nn.softmax(jnp.array([2.0, 1, 0])) @ table
+
+    class Stub:  # pass-1 logits [2, 1, 0] at position 0 of a 2-token row
+        embed = table
+
+        def __call__(self, tokens):
+            return jnp.zeros(tokens.shape + (2,))
+
+        def logits(self, hidden):
+            return jnp.broadcast_to(jnp.array([2.0, 1, 0]), hidden.shape[:2] + (3,))
+
+    row = Batch(*(jnp.zeros((1, 2), jnp.int32),) * 2, jnp.ones((1, 2), bool), jnp.zeros((1, 2), bool),
+                *(jnp.zeros((1,), jnp.int32),) * 4)
+    pred = ss.predicted_embeddings(Stub(), row, jax.random.PRNGKey(0), ml_collections.ConfigDict(
+        dict(prediction="soft", temperature=1.0)))
+    np.testing.assert_array_equal(pred[0, 0], 0.0)  # nothing predicts the first input
+    soft = pred[0, 1]  # the prediction made at position 0 is the input at 1
     np.testing.assert_allclose(soft, [0.755272, 0.334759], atol=1e-6)
     gold, use = jnp.array([[[0.0, 1.0]]]), jnp.array([[True]])
     np.testing.assert_allclose(ss.mix_embeddings(gold, soft[None, None], use, "mean")[0, 0],
@@ -216,21 +241,22 @@ def _decode_row(tokens, targets, loss_mask, sentinels):
     return out, tgt[-1]
 
 
-def test_ul2_rows_decode_back_to_the_original(bank):
+@pytest.mark.parametrize("denoiser", ["R:3:0.15", "X:8:0.5"])
+def test_ul2_rows_decode_back_to_the_original(bank, denoiser):
     batch = _batch(bank)
     sentinels = tuple(range(300, 340))
     cfg = ul2_lib.default_config()
-    cfg.update(sentinel_ids=sentinels, denoisers=("R:3:0.15", "X:8:0.5"), weights=(1.0, 1.0))
+    cfg.update(sentinel_ids=sentinels, denoisers=(denoiser,), weights=(1.0,))
     model_vocab_rows = batch.tokens.shape[1]
     out = jax.jit(lambda b, r: transforms.get("ul2").apply(b, r, _ctx("ul2", cfg)))(batch, jax.random.PRNGKey(0))
-    mode_ids = set(cfg.mode_token_ids)
-    assert bank.info.num_truncated == 0
+    mode = {"R": 261, "X": 263}[denoiser[0]]  # [NLU] for R, [NLG] for X (default mode_token_ids)
+    assert cfg.mode_token_ids == (261, 262, 263) and bank.info.num_truncated == 0
     for r in range(16):
         n_valid = int(np.flatnonzero(batch.loss_mask[r])[-1]) + 1
         original = list(np.asarray(batch.tokens[r, :n_valid])) + [int(batch.targets[r, n_valid - 1])]
         pl = int(batch.prompt_len[r])
         doc, eos = _decode_row(out.tokens[r], out.targets[r], out.loss_mask[r], set(sentinels))
-        assert doc[pl] in mode_ids and doc[:pl] == original[:pl]  # prompt kept, then the mode token
+        assert doc[pl] == mode and doc[:pl] == original[:pl]  # prompt kept, then the mode token
         assert doc[pl + 1:] == original[pl:-1] and eos == TOK.eos_id
     assert model_vocab_rows == out.tokens.shape[1]
 

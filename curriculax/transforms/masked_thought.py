@@ -61,12 +61,12 @@ def mask_from_uniforms(span_BxT, uniforms_BxT, ratio) -> jax.Array:
 def select_positions(span_BxT, rng, ratio, selection: str = "independent") -> jax.Array:
     """``[B,T]`` bool: which span positions to corrupt, marginal probability ``ratio`` each."""
     span = span_BxT.astype(bool)
-    u = jax.random.uniform(rng, span.shape)
     if selection == "independent":
-        return mask_from_uniforms(span, u, ratio)
+        return mask_from_uniforms(span, jax.random.uniform(rng, span.shape), ratio)
     if selection != "exact_count":
         raise ValueError(f"selection={selection!r}: choose one of {SELECTIONS}.")
-    r_count, _ = jax.random.split(rng)
+    r_u, r_count = jax.random.split(rng)
+    u = jax.random.uniform(r_u, span.shape)
     n = span.sum(-1).astype(jnp.float32)
     count = jax.random.binomial(r_count, n, jnp.broadcast_to(jnp.asarray(ratio, jnp.float32), n.shape))
     rank = jnp.argsort(jnp.argsort(jnp.where(span, u, 2.0), axis=-1), axis=-1)
