@@ -137,6 +137,15 @@ def test_scheduled_sampling_decays_and_mixes_worked_examples():
                                [0.9995, 0.93092, 0.083242], atol=1e-5)
     np.testing.assert_allclose([d("linear_decay", i, k=1, c=1e-5, limit=0.1) for i in (0, 50000, 100000)],
                                [1.0, 0.5, 0.1], atol=1e-6)
+    # through the config: per-decay default k, and inverse sigmoid refuses k < 1
+    cfg = ss.default_config()
+    p_at = lambda step, **kw: float(ss.p_gold_at(ml_collections.ConfigDict({**cfg.to_dict(), **kw}),  # noqa: E731
+                                                 _ctx("s", cfg, step=step)))
+    np.testing.assert_allclose(p_at(10000, decay="inverse_sigmoid"), 0.93092, atol=1e-5)
+    np.testing.assert_allclose(p_at(10000, decay="exponential"), 0.367861, atol=1e-5)
+    np.testing.assert_allclose(p_at(50000, decay="linear_decay"), 0.5, atol=1e-6)
+    with pytest.raises(ValueError, match="k >= 1"):
+        p_at(1, decay="inverse_sigmoid", k=0.9999)
     table = jnp.array([[1.0, 0], [0, 1], [1, 1]])
 
     class Stub:  # pass-1 logits [2, 1, 0] at position 0 of a 2-token row

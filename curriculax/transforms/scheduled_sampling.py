@@ -23,7 +23,9 @@ Inside the loss (this transform's ``embed`` hook, see :class:`curriculax.transfo
 Prompt positions are never touched. ``p_gold`` schedule: ``decay`` = Bengio's absolute-step
 decays ``"exponential"`` ``k**i``, ``"inverse_sigmoid"`` ``k / (k + exp(i / k))``,
 ``"linear_decay"`` ``max(limit, k - c i)``; or ``decay=""`` and the relative ``schedule``
-fields of :mod:`curriculax.transforms.schedule` (from ``start`` to ``p_gold``).
+fields of :mod:`curriculax.transforms.schedule` (from ``start`` to ``p_gold``). ``k`` / ``c``
+unset (None) take a per-decay default: ``k = 0.9999`` (exponential), ``2000`` (inverse sigmoid,
+which needs ``k >= 1``), ``1`` with ``c = 1e-5`` (linear).
 
 Defaults (``default_config``; the papers' best values are **unverified**): ``decay=""``,
 ``schedule="linear"``, ``start=1.0`` -> ``p_gold=0.75`` over the whole run,
@@ -57,7 +59,7 @@ DECAYS = ("", "exponential", "inverse_sigmoid", "linear_decay")
 def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         p_gold=0.75, schedule="linear", start=1.0, warmup_ratio=1.0, schedule_kwargs={},
-        from_curriculum="", decay="", k=0.9999, c=1e-5, limit=0.0, prediction="sample",
+        from_curriculum="", decay="", k=None, c=None, limit=0.0, prediction="sample",
         temperature=1.0, mix="mean", gate=0.5, impl="auto"))
 
 
@@ -73,11 +75,20 @@ def bengio_decay(decay: str, step, *, k: float, c: float = 0.0, limit: float = 0
     raise ValueError(f"decay={decay!r}: choose one of {DECAYS}.")
 
 
+_DECAY_K = {"exponential": 0.9999, "inverse_sigmoid": 2000.0, "linear_decay": 1.0}
+
+
 def p_gold_at(cfg, ctx) -> jax.Array:
     decay = cfg.get("decay", "")
     if decay:
-        return bengio_decay(decay, ctx.step, k=float(cfg.k), c=float(cfg.get("c", 0.0)),
-                            limit=float(cfg.get("limit", 0.0)))
+        if decay not in _DECAY_K:
+            raise ValueError(f"scheduled_sampling.decay={decay!r}: choose one of {DECAYS}.")
+        k = _DECAY_K[decay] if cfg.get("k") is None else float(cfg.k)
+        if decay == "inverse_sigmoid" and k < 1:
+            raise ValueError(f"scheduled_sampling.k={k} with decay='inverse_sigmoid' gives p_gold ~ 0 "
+                             f"from the first step: it needs k >= 1 (e.g. 2000).")
+        c = 1e-5 if cfg.get("c") is None else float(cfg.c)
+        return bengio_decay(decay, ctx.step, k=k, c=c, limit=float(cfg.get("limit", 0.0)))
     return jnp.clip(from_config(cfg, "p_gold", ctx), 0.0, 1.0)
 
 
