@@ -24,7 +24,8 @@ class Objective(NamedTuple):
     token_loss: Callable[[Any, Any, Any], jax.Array]
     # Extra statistics the step must provide: "ref" (frozen reference -> stats.kl_to_ref),
     # "sample" (in-kernel sampling -> stats.sampled_token / sampled_logprob), "ref_logprob"
-    # (with "ref": stats.ref_target_logprob).
+    # (frozen reference -> stats.ref_target_logprob). Either of the two "ref" needs keeps the
+    # reference model; only "ref" makes the kernel compute the KL.
     needs: tuple[str, ...] = ()
     # Optional ``kernel_options(config.objective) -> dict`` of static LM-head kernel keywords
     # (e.g. ``kl_direction`` for ASFT, the sampling ``temperature`` for OTR).

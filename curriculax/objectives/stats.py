@@ -1,7 +1,7 @@
 """Statistics beyond the kernel's :class:`~curriculax.kernels.LMHeadStats`, attached by the step.
 
 ``ref_target_logprob`` (``log pi_ref(y_t)``) is requested by objectives that declare
-``needs=("ref", "ref_logprob")`` (reference-confidence token weights). Until the fused kernel
+``needs=("ref_logprob",)`` (reference-confidence token weights). Until the fused kernel
 returns it natively, the train step computes it with a second, gradient-free kernel pass over
 the reference head and attaches it here.
 """

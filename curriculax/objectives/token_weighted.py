@@ -21,7 +21,7 @@ Weight functions (``weight_fn``):
 * ``"entropy"`` -- ``w = sg(H_t) ** alpha``: emphasize high-entropy ("forking") positions.
 * ``"ref_confidence"`` -- ``w = pi_ref(y_t) ** alpha``: trust tokens the frozen reference finds
   plausible, down-weight tokens it finds surprising (noisy labels). Registered separately as
-  ``token_weighted_ref`` because it needs the reference model (``needs=("ref", "ref_logprob")``).
+  ``token_weighted_ref`` because it needs the reference model (``needs=("ref_logprob",)``).
 
 ``weight_max > 0`` clips raw weights before renormalizing. Defaults (``default_config``):
 ``weight_fn="key_tokens"``, ``alpha=1``, ``focal_gamma=2``, ``max_weight=9``,
@@ -131,4 +131,4 @@ def token_loss(stats, batch, config):
 
 token_weighted = register("token_weighted", Objective(token_loss))
 token_weighted_ref = register("token_weighted_ref",
-                              Objective(token_loss, needs=("ref", "ref_logprob")))
+                              Objective(token_loss, needs=("ref_logprob",)))

@@ -231,7 +231,7 @@ def _abstract_masks(sparsity, params):
 def _needs_ref(exp: Experiment) -> bool:
     """The frozen reference is the starting model, kept only when the objective or trainer
     reads it (KL anchors, GRPO's KL term, SPIN's opponent)."""
-    return "ref" in exp.objective.needs or exp.trainer.needs_ref(exp.config)
+    return bool({"ref", "ref_logprob"} & set(exp.objective.needs)) or exp.trainer.needs_ref(exp.config)
 
 
 def _state_shardings(abstract: TrainState, param_axes, mesh, rules, optimizer, example_sharding,

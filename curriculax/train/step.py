@@ -80,15 +80,18 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
             hidden, sown = forward(batch.tokens, inputs_embeds=embeds, category=batch.category)
         extra = dict(kernel_options)
         weight, layout = model.head_weight()
-        if "ref" in objective.needs:  # frozen reference head for KL anchors
+        ref_head = {}
+        if {"ref", "ref_logprob"} & set(objective.needs):  # the frozen reference model
             ref = nnx.merge(graphdef, jax.lax.stop_gradient(to_model(ref_params)))
-            extra.update(ref_hidden=ref(batch.tokens), ref_weight=ref.head_weight(layout)[0])
+            ref_head = dict(ref_hidden=ref(batch.tokens), ref_weight=ref.head_weight(layout)[0])
+        if "ref" in objective.needs:  # KL anchors: the kernel walks both heads at once
+            extra.update(ref_head)
         if "sample" in objective.needs:  # in-kernel Gumbel-max sampling (OTR)
             extra.update(sample_rng=rng)
         stats = objectives.lm_head_stats(hidden, weight, batch.targets, batch.loss_mask, impl=impl,
                                          weight_layout=layout, **sharded, **extra)
-        if "ref_logprob" in objective.needs and getattr(stats, "ref_target_logprob", None) is None:
-            ref_stats = objectives.lm_head_stats(extra["ref_hidden"], extra["ref_weight"],
+        if "ref_logprob" in objective.needs:  # a gradient-free pass over the reference head
+            ref_stats = objectives.lm_head_stats(ref_head["ref_hidden"], ref_head["ref_weight"],
                                                  batch.targets, batch.loss_mask, impl=impl,
                                                  weight_layout=layout, **sharded)
             stats = objectives.attach(stats, ref_target_logprob=ref_stats.target_logprob)
