@@ -354,6 +354,20 @@ def test_graft_worked_examples():
                                scores=s)
     np.testing.assert_allclose(new["w"], [2.9803, -0.0210, -0.0052, 3.0590], atol=1e-4)
     np.testing.assert_array_equal(rounded["w"], [1, 1, 0, 0])
+    # select: the paper keeps the best-scoring graft, not the last one. Descending on sum(theta)
+    # with lr 3 drops Delta_0 = 1 at step 2; a score that prefers keeping it picks step 1's scores.
+    seen = []
+
+    def keeps_first(p):
+        seen.append(np.asarray(p["w"]))
+        return float(p["w"][0])
+
+    best, best_mask = graft.learn(pre, ft, lambda p: jnp.sum(p["w"]), b, steps=3, lr=3.0, bias=2.0,
+                                  scores=s, select=keeps_first)
+    last, last_mask = graft.learn(pre, ft, lambda p: jnp.sum(p["w"]), b, steps=3, lr=3.0, bias=2.0,
+                                  scores=s)
+    assert len(seen) == 3 and seen[0][0] == 1.0 and seen[-1][0] == 0.0
+    assert bool(best_mask["w"][0]) and not bool(last_mask["w"][0])
 
 
 @pytest.mark.slow  # ~15 s; the sparse-state path is covered by the LIFT and LoRA tests

@@ -12,7 +12,7 @@ Given pre-trained ``θ_pre`` and fine-tuned ``θ_ft`` (``Δ = θ_ft − θ_pre``
       ∂L/∂S_j = (1 − 2 B_j) · ∇_θ L(θ(γ))_j · Δ_j · σ_j (1 − σ_j)
       S ← S − lr · ∂L/∂S
 
-  evaluated with ``round(γ)``. Defaults (official RoBERTa SST-2 script): ``lr = 1e7``, sparsity
+  evaluated with ``round(γ)``, keeping the ``S`` whose graft scores best (``select``). Defaults (official RoBERTa SST-2 script): ``lr = 1e7``, sparsity
   ``s = 1e-7``, 10 epochs; ``S₀ ~ U[0, 1)``; the sigmoid bias ``b`` is unverified (``5.0`` here
   keeps ``γ ≈ B`` at the start). Gradients come from ``jax.grad`` through ``θ(γ(S))``, which is the
   chain rule above.
@@ -61,16 +61,29 @@ def init_scores(base_mask, key):
 
 
 def learn(theta_pre, theta_ft, loss: Callable, base_mask, *, steps: int, lr: float,
-          bias: float, scores=None, key=None):
+          bias: float, scores=None, key=None, select: Callable | None = None):
     """Optimises the graft scores ``S`` on ``loss(params)`` by plain gradient descent; returns
-    ``(scores, rounded graft mask)``."""
+    ``(scores, rounded graft mask)``.
+
+    ``select(grafted params) -> float`` (higher is better; the paper's train + validation
+    accuracy): each step's rounded graft is scored and the best scores are returned (the earliest
+    on ties), not the last ones."""
     scores = init_scores(base_mask, key if key is not None else jax.random.PRNGKey(0)) \
         if scores is None else scores
 
     def objective(s):
         return loss(graft(theta_pre, theta_ft, gamma(s, base_mask, bias)))
 
+    def rounded(s):
+        return jax.tree.map(lambda x: x >= 0.5, gamma(s, base_mask, bias))
+
     step = jax.jit(lambda s: jax.tree.map(lambda x, g: x - lr * g, s, jax.grad(objective)(s)))
+    best = None
     for _ in range(steps):
         scores = step(scores)
-    return scores, jax.tree.map(lambda x: x >= 0.5, gamma(scores, base_mask, bias))
+        if select is not None:
+            value = float(select(graft(theta_pre, theta_ft, rounded(scores))))
+            if best is None or value > best[0]:
+                best = (value, scores)
+    scores = scores if best is None else best[1]
+    return scores, rounded(scores)
