@@ -4,6 +4,7 @@ LoRA run that starts exactly at the pretrained model."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from test_sparsity import _stepwise  # tests/ is on sys.path under pytest
 from test_train import tiny_config
@@ -39,6 +40,11 @@ def test_jnp_decomposition_matches_numpy():
             w, c.astype(np.float32), np.linalg.inv(c).astype(np.float32), 1, mode)
         np.testing.assert_allclose(ja @ jb, a @ b, atol=1e-4)
         np.testing.assert_allclose(jres, res, atol=1e-4)
+    for bad in (0, 3):  # a rank beyond the weight would wrap kpm's slice around
+        with pytest.raises(ValueError, match=f"CorDA rank={bad} must be in \\[1, 2\\]"):
+            corda.decompose(w, cov, bad, "kpm")
+        with pytest.raises(ValueError, match=f"CorDA rank={bad}"):
+            corda.decompose_jnp(w, c, np.linalg.inv(c), bad, "kpm")
 
 
 def test_corda_lora_run_starts_at_the_pretrained_model(tmp_path):

@@ -71,10 +71,17 @@ def damp(cov, damping: float | None = 0.01, tolerance: float = 0.05):
         lam *= 2
 
 
+def _check_rank(rank: int, shape) -> None:
+    if not 0 < rank <= min(shape):
+        raise ValueError(f"CorDA rank={rank} must be in [1, {min(shape)}] for a {tuple(shape)} weight "
+                         f"(its smaller side): lower the rank passed to corda.prepare.")
+
+
 def decompose(w, cov, rank: int, mode: str = "ipm", *, damping: float | None = 0.01,
               tolerance: float = 0.05):
     """``(a [in, r], b [r, out], w_res [in, out])`` for our-layout ``w [in, out]``, with
     ``w == w_res + a @ b`` (float32 outputs)."""
+    _check_rank(rank, np.shape(w))
     w_hf = np.asarray(w, np.float64).T
     c = damp(cov, damping, tolerance)
     u, s, vt = np.linalg.svd(w_hf @ c, full_matrices=False)
@@ -170,6 +177,7 @@ def collect_covariances(model, batches, pattern: str | None = None) -> dict[str,
 
 def decompose_jnp(w, cov_damped, cov_inverse, rank: int, mode: str = "ipm"):
     """:func:`decompose` in jnp (inside a jitted init) with a host-damped ``C'`` and ``C'^-1``."""
+    _check_rank(rank, jnp.shape(w))
     w_hf = jnp.asarray(w, jnp.float32).T
     u, s, vt = jnp.linalg.svd(w_hf @ cov_damped, full_matrices=False)
     v_hat_t = vt @ cov_inverse
