@@ -13,8 +13,6 @@ from curriculax.sparsity import lift
 from test_sparsity import _flat, _stepwise
 from test_train import tiny_config
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 
 def test_merge_formula_and_zero_init():
@@ -33,6 +31,8 @@ def test_merge_formula_and_zero_init():
 
 
 def test_merged_export_loads_in_transformers_with_same_logits(tmp_path):
+    torch = pytest.importorskip("torch")  # the only test here that needs the references
+    transformers = pytest.importorskip("transformers")
     from test_hf import TOL, hf_logits, make_hf_model, max_real_diff, our_logits, padded_batch
 
     from curriculax.models import load_hf
