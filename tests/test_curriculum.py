@@ -464,6 +464,12 @@ def test_reweight_anneal_worked_example_and_weights():
     hard = reweight.init(cfg(name="reweight", order="hard", floor=0.5, total_steps=10), meta)
     np.testing.assert_allclose(reweight.weights(hard), np.array([0.5, 0.75, 1.0]) / 0.75,
                                atol=1e-6)
+    # scores = 1 - c/k from k = 8 sampled answers, c = [6, 4, 2]: d = [.25, .5, .75] as given
+    # -> f = [.75, .5, .25] -> q = [1/2, 1/3, 1/6] (not re-stretched to [0, 1])
+    scored = reweight.init(cfg(name="reweight", scores=(0.25, 0.5, 0.75), total_steps=10), meta)
+    np.testing.assert_allclose(reweight.weights(scored) / 3, [0.5, 1 / 3, 1 / 6], atol=1e-6)
+    with pytest.raises(ValueError, match="curriculum.scores has 2 values for a bank of 3 rows"):
+        reweight.init(cfg(name="reweight", scores=(0.1, 0.2), total_steps=10), meta)
 
 
 def test_reweight_sample_mode_law_and_loss_signal():

@@ -12,9 +12,9 @@ on it is uniform. ``mode="loss_weight"`` (default) samples uniformly and returns
 over the bank) as the per-example loss weights, which the step multiplies into each row's loss
 (``objectives.reduce_loss``); ``mode="sample"`` draws rows with probability ``w_i`` instead.
 
-Difficulty signal: ``signal="labels"`` uses ``(difficulty - d_min) / (d_max - d_min)`` (or
-``config.scores``, e.g. ``1 - correct/k`` from the model's own sampled answers, min-max
-normalized); ``signal="loss"`` uses the model's own tracked loss (EMA per row, ``decay``):
+Difficulty signal: ``signal="labels"`` uses ``(difficulty - d_min) / (d_max - d_min)``, or
+``config.scores``: a per-row ``d_i`` in ``[0, 1]`` used as is (e.g. ``1 - correct/k`` from the
+model's own sampled answers; scores outside ``[0, 1]`` are min-max normalized); ``signal="loss"`` uses the model's own tracked loss (EMA per row, ``decay``):
 ``d_i = L_i / max_j L_j`` over seen rows, unseen rows at the mean.
 
 Defaults: ``signal="labels", order="easy", floor=0.0, anneal=1.0, mode="loss_weight"``.
@@ -77,7 +77,12 @@ def init(config, meta: BankMeta) -> ReweightState:
     e = meta.num_examples
     if len(cfg.scores):
         s = np.asarray(cfg.scores, np.float32)
-        d = jnp.asarray((s - s.min()) / max(float(s.max() - s.min()), 1e-12))
+        if s.shape != (e,):
+            raise ValueError(f"curriculum.scores has {s.size} values for a bank of {e} rows: give one "
+                             f"difficulty per row.")
+        if s.min() < 0 or s.max() > 1:  # already a difficulty in [0, 1]: keep its scale
+            s = (s - s.min()) / max(float(s.max() - s.min()), 1e-12)
+        d = jnp.asarray(s)
     else:
         span = max(meta.difficulty_max - meta.difficulty_min, 1)
         d = (meta.difficulty.astype(jnp.float32) - meta.difficulty_min) / span
