@@ -102,17 +102,25 @@ def test_pacing_hacohen_exponential_counts():
     # Ex B2: N=2500, p0=0.04, inc=1.9, L=100 -> g(i) = ceil(N min(p0 inc^floor(i/L), 1)).
     for i, want in [(0, 100), (99, 100), (100, 190), (250, 361), (500, 2477), (600, 2500)]:
         g = pacing.fraction("exponential", i, 10_000, 0.04, 1.0, inc=1.9, step_length=100)
-        assert int(pacing.eligible_count(g, 2500)) == want, i
+        assert int(pacing.eligible_count(g, 2500, "ceil")) == want, i
+    # through the curriculum: exponential pacing starts at p0 = 0.04 and rounds up
+    meta = make_meta([0] * 2500, np.arange(2500) % 7)
+    state = pacing.init(cfg(name="pacing", kind="exponential", total_steps=10_000), meta)
+    assert state.pace.start == 0.04 and state.pace.rounding == "ceil"
+    for i, want in [(0, 100), (250, 361)]:
+        assert int(pacing.num_eligible(state.replace(t=jnp.int32(i)))) == want, i
 
 
 def test_pacing_wu_shapes_with_ramp():
-    # Ex B4: N=1000, T=1000, a=0.8, b=0.2; g = int(N * fraction).
+    # Ex B4: N=1000, T=1000, a=0.8, b=0.2; g = int(N * fraction), as many rows as the sampler admits
     want = {"linear": (200, 600, 1000), "quad": (200, 400, 1000), "sqrt": (200, 765, 1000),
             "step": (200, 200, 1000)}
+    meta = make_meta([0] * 1000, np.arange(1000) % 5)
     for kind, counts in want.items():
-        got = tuple(int(float(pacing.fraction(kind, t, 1000, 0.2, 1.0, ramp=0.8)) * 1000 + 1e-3)
-                    for t in (0, 400, 800))
+        state = pacing.init(cfg(name="pacing", kind=kind, start=0.2, ramp=0.8, total_steps=1000), meta)
+        got = tuple(int(pacing.num_eligible(state.replace(t=jnp.int32(t)))) for t in (0, 400, 800))
         assert got == counts, kind
+    assert int(pacing.eligible_count(0.7654, 1000)) == 765 and int(pacing.eligible_count(0.6, 1000)) == 600
 
 
 def test_pacing_deepspeed_discrete_and_root():
@@ -225,10 +233,14 @@ def test_cyclical_phases_follow_the_schedule_in_jit():
         idx, _ = smp(state, jax.random.PRNGKey(t))
         subset = set(np.asarray(state.order)[: int(state.count)].tolist())
         assert set(np.asarray(idx).tolist()) <= subset
-        assert int(state.count) == int(np.ceil(float(state.fraction) * e))
+        assert int(state.count) == int(float(state.fraction) * e + 1e-6)  # int(N S_e)
         seen_fracs.append(float(state.fraction))
         state = upd(state, feedback(meta, idx, losses[np.asarray(idx)], t))
     assert seen_fracs == [0.25] * 2 + [0.5] * 4 + [1.0] * 8 + [0.5] * 4 + [0.25] * 2
+    # int(N S_e) when N S_e is not whole: 100 rows at S = 0.225 -> 22, 10 rows at 0.45 -> 4
+    for n, sp, want in ((100, 0.225, 22), (10, 0.45, 4)):
+        small = cyclical.init(cfg(name="cyclical", start=sp, total_steps=10), make_meta([0] * n, [1] * n))
+        assert int(small.count) == want
     assert int(state.phase) == 5
     seen = np.asarray(state.seen)
     assert seen.sum() > 0 and np.all(np.asarray(state.ema)[~seen] == 0)

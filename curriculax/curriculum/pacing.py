@@ -20,8 +20,10 @@ Papers and formulas (``x = min(t / (ramp * T), 1)``, ``s`` = start, ``e`` = end 
 The bank is ordered once at ``init`` by ``difficulty`` (or by the per-row ``scores`` a config
 gives, e.g. model-derived difficulty ``1 - correct/k`` or a CLIMB n-gram perplexity), ties
 broken by a random permutation fixed from ``config.seed``; ``anti=True`` reverses it (hardest
-first). At step ``t`` the first ``ceil(g(t) * E)`` rows of that order are eligible and the batch
-is drawn uniformly from them, with replacement (Hacohen & Weinshall: "minibatches are sampled
+first). At step ``t`` the first ``n(t)`` rows of that order are eligible, ``n = floor(g(t) E)``
+(Platanios' "difficulty CDF <= c(t)", Wu et al.'s ``int(...)``) or, for ``exponential``,
+``ceil(g(t) E)`` (Hacohen & Weinshall); ``rounding`` overrides it. The batch is drawn uniformly
+from them, with replacement (Hacohen & Weinshall: "minibatches are sampled
 uniformly from the first g(i) items"). ``mode="value"`` reads ``g(t)`` as a fraction of the
 difficulty *range* instead (DeepSpeed-style: eligible iff
 ``difficulty <= d_min + g(t) (d_max - d_min)``). :func:`deepspeed_difficulty` reproduces
@@ -31,7 +33,8 @@ State: the order ``[E]``, the sorted keys ``[E]``, per-row draw counts ``[E]`` a
 counter; one sample costs ``B`` gathers. ``total_steps`` is ``config.steps`` (the trainer
 fills ``curriculum.total_steps`` when it is 0).
 
-Defaults: ``kind="linear", start=0.1, end=1.0, ramp=1.0`` (full data at the last step).
+Defaults: ``kind="linear", start=0.1, end=1.0, ramp=1.0`` (full data at the last step);
+``start`` unset is ``0.04`` for ``exponential``.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "pacing"
     c.kind = "linear"  # one of KINDS
-    c.start = 0.1  # fraction of the bank eligible at step 0
+    c.start = None  # fraction of the bank eligible at step 0 (None: 0.1; exponential 0.04)
     c.end = 1.0  # fraction eligible once the ramp is over
     c.ramp = 1.0  # the ramp ends at ramp * total_steps
     c.p = 2.0  # root-p exponent
@@ -67,6 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mode = "fraction"  # fraction: easiest g(t)*E rows; value: difficulty <= d_min + g(t)*range
     c.scores = ()  # optional per-row difficulty scores [E] overriding meta.difficulty
     c.seed = 0  # random tie-break permutation
+    c.rounding = ""  # eligible rows: floor | ceil of g(t) * E ("": ceil for exponential, else floor)
     c.total_steps = 0  # 0: the trainer's config.steps
     return c
 
@@ -137,15 +141,21 @@ class Pace:
     step_length: int = 100
     levels: tuple = ()
     boundaries: tuple = ()
+    rounding: str = "floor"
 
     @classmethod
     def from_config(cls, c, total_steps: int) -> "Pace":
         if c.kind not in KINDS:
             raise ValueError(f"curriculum.kind={c.kind!r}: choose one of {KINDS}.")
-        return cls(kind=c.kind, start=float(c.start), end=float(c.end), total_steps=total_steps,
+        rounding = c.get("rounding", "") or ("ceil" if c.kind == "exponential" else "floor")
+        if rounding not in ("floor", "ceil"):
+            raise ValueError(f"curriculum.rounding={rounding!r}: choose floor or ceil.")
+        start = c.get("start")
+        start = (0.04 if c.kind == "exponential" else 0.1) if start is None else float(start)
+        return cls(kind=c.kind, start=start, end=float(c.end), total_steps=total_steps,
                    ramp=float(c.ramp), p=float(c.p), inc=float(c.inc),
                    step_length=int(c.step_length), levels=tuple(float(v) for v in c.levels),
-                   boundaries=tuple(int(v) for v in c.boundaries))
+                   boundaries=tuple(int(v) for v in c.boundaries), rounding=rounding)
 
     def __call__(self, step) -> jax.Array:
         return fraction(self.kind, step, self.total_steps, self.start, self.end, ramp=self.ramp,
@@ -153,10 +163,12 @@ class Pace:
                         levels=self.levels, boundaries=self.boundaries)
 
 
-def eligible_count(frac, num_examples: int) -> jax.Array:
-    """``ceil(frac * E)`` clipped to ``[1, E]`` (robust to float32 rounding of exact products)."""
-    n = jnp.ceil(jnp.asarray(frac, jnp.float32) * num_examples - 1e-3).astype(jnp.int32)
-    return jnp.clip(n, 1, num_examples)
+def eligible_count(frac, num_examples: int, rounding: str = "floor") -> jax.Array:
+    """``floor`` (or ``ceil``) of ``frac * E``, clipped to ``[1, E]``; robust to the float32
+    rounding of exact products (``0.6 * 1000`` is 600, not 599)."""
+    x = jnp.asarray(frac, jnp.float32) * num_examples
+    n = jnp.ceil(x - 1e-3) if rounding == "ceil" else jnp.floor(x + 1e-3)
+    return jnp.clip(n.astype(jnp.int32), 1, num_examples)
 
 
 def row_keys(cfg, meta: BankMeta) -> jax.Array:
@@ -205,7 +217,7 @@ def num_eligible(state: PacingState, frac=None) -> jax.Array:
     frac = state.pace(state.t) if frac is None else frac
     e = state.order.shape[0]
     if state.mode == "fraction":
-        return eligible_count(frac, e)
+        return eligible_count(frac, e, state.pace.rounding)
     lo, hi = state.key_range
     threshold = lo + frac * (hi - lo) + 1e-6
     return jnp.clip(jnp.searchsorted(state.sorted_key, threshold, side="right"), 1, e)
