@@ -338,7 +338,8 @@ def test_skill_it_mixture_worked_examples():
 
 
 def test_skill_it_window_history_in_jit():
-    """Ex3 through the state: round means [2,4],[1,3],[1,1],[0.5,0.5], window 3 -> p(Ex3)."""
+    """Ex2 / Ex3 through the state: L(0) = [2,4] (the first step's probe), then round means
+    [1,3], [1,1], [0.5,0.5]; after round 1 p(Ex2), after round 3 (window 3) p(Ex3)."""
     meta = make_meta(np.arange(40) % 2, np.ones(40))
     c = cfg(name="skill_it", graph="given", graph_matrix=(1, 0.5, 0, 1), update_steps=2,
             holdout_per_skill=4, total_steps=100)
@@ -347,14 +348,19 @@ def test_skill_it_window_history_in_jit():
     upd = jax.jit(skill_it.update)
     prb = jax.jit(lambda s: skill_it.probe(s, jax.random.PRNGKey(0), meta))
     t = 0
-    for losses in ([2.0, 4.0], [1.0, 3.0], [1.0, 1.0], [0.5, 0.5]):
-        for _ in range(2):  # update_steps = 2 steps per round, probe 1 row per skill per step
-            pi = prb(state)
-            fb = feedback(meta, [0, 1], [1.0, 1.0], t, probe_idx=pi, probe_loss=losses)
+    # update_steps = 2 steps per round, probe 1 row per skill per step
+    for steps, mean in ((([2.0, 4.0], [0.0, 2.0]), [1.0, 3.0]), (([1.0, 1.0],) * 2, [1.0, 1.0]),
+                        (([0.5, 0.5],) * 2, [0.5, 0.5])):
+        for losses in steps:
+            fb = feedback(meta, [0, 1], [1.0, 1.0], t, probe_idx=prb(state), probe_loss=losses)
             state = upd(state, fb)
             t += 1
-        np.testing.assert_allclose(state.val_loss, losses)
+        np.testing.assert_allclose(state.val_loss, mean)
+        if t == 2:  # history L(0) = [2,4], L(1) = [1,3]: Ex2 with its graph A = [[1,.5],[0,1]]
+            np.testing.assert_allclose(state.p, [0.437823, 0.562177], atol=1e-5)
     np.testing.assert_allclose(state.p, [0.531209, 0.468791], atol=1e-5)
+    with pytest.raises(ValueError, match="skill_it.*needs per-skill validation losses"):
+        upd(state, feedback(meta, [0, 1], [1.0, 1.0], t))  # a step without probes (RL)
 
 
 def test_skill_it_holds_out_probe_rows_and_samples_the_mixture():

@@ -16,9 +16,12 @@ inside it.
 
 Validation losses come from the step's ``probe`` hook: ``holdout_per_skill`` rows of every skill
 are reserved at init (never sampled for training) and each step evaluates ``probe_per_skill``
-of them per skill, forward only, rotating through the pool. A history entry is the mean probe
-loss of each skill over one round (design choice: the code evaluates the whole validation set
-at checkpoints; rotating keeps the per-step probe cost at ``k * probe_per_skill`` rows).
+of them per skill, forward only, rotating through the pool. The history starts with the probe
+loss of the first round's first step (the paper's step-0 evaluation, ``L(0)``) and gets one entry
+per round, the mean probe loss of each skill over the round (design choice: the code evaluates
+the whole validation set at checkpoints; rotating keeps the per-step probe cost at
+``k * probe_per_skill`` rows). Steps without probes (the RL and preference trainers run none)
+are an error, not a silent uniform mixture.
 
 Skills graph ``A`` (``k x k``, ``A_ij`` = how much training on ``i`` helps ``j``):
 ``graph="identity"`` (the "no graph" fallback), ``"given"`` (``graph_matrix``, row-major; with
@@ -183,11 +186,12 @@ def update(state: SkillItState, feedback: Feedback) -> SkillItState:
     k, n = state.p.shape[0], state.probe_per_skill
     t = feedback.step.astype(jnp.int32)
     valid = (state.pool_size > 0).astype(jnp.float32)
-    if feedback.probe_loss is not None:
-        probe_mean = feedback.probe_loss.reshape(k, n).mean(axis=1)
-        acc_sum, acc_n = state.acc_sum + valid * probe_mean, state.acc_n + valid
-    else:
-        acc_sum, acc_n = state.acc_sum, state.acc_n
+    if feedback.probe_loss is None:
+        raise ValueError("curriculum.name='skill_it' needs per-skill validation losses from the "
+                         "train step's probe; this trainer runs none (the SFT trainer does): pick "
+                         "another curriculum, e.g. 'sec'.")
+    probe_mean = feedback.probe_loss.reshape(k, n).mean(axis=1)
+    acc_sum, acc_n = state.acc_sum + valid * probe_mean, state.acc_n + valid
     mean = jnp.where(acc_n > 0, acc_sum / jnp.maximum(acc_n, 1.0), 0.0)
     state = state.replace(t=t + 1)
 
@@ -195,8 +199,7 @@ def update(state: SkillItState, feedback: Feedback) -> SkillItState:
     est = state.estimate_steps
     graph, baseline = state.graph, state.baseline
     if est:
-        first = t == 0
-        baseline = jnp.where(first & (feedback.probe_loss is not None), mean, baseline)
+        baseline = jnp.where(t == 0, mean, baseline)
         seg = t // est
         seg_end = ((t + 1) % est == 0) & (seg < k)
         drop = baseline - mean
@@ -211,9 +214,12 @@ def update(state: SkillItState, feedback: Feedback) -> SkillItState:
     est_end = (t + 1 == k * est) if est else jnp.bool_(False)
     reset = round_end | est_end | (est > 0) & ~in_rounds & (((t + 1) % max(est, 1)) == 0)
 
-    history = jnp.where(round_end, jnp.roll(state.history, -1, axis=0).at[-1].set(mean),
-                        state.history)
-    filled = jnp.where(round_end, jnp.minimum(state.filled + 1, history.shape[0]), state.filled)
+    def push(history, filled, entry, when):
+        return (jnp.where(when, jnp.roll(history, -1, axis=0).at[-1].set(entry), history),
+                jnp.where(when, jnp.minimum(filled + 1, history.shape[0]), filled))
+
+    history, filled = push(state.history, state.filled, probe_mean, t == k * est)  # L(0)
+    history, filled = push(history, filled, mean, round_end)
     rows = jnp.arange(history.shape[0]) >= history.shape[0] - filled
     loss_sum = jnp.where(filled > 0, jnp.sum(jnp.where(rows[:, None], history, 0.0), 0),
                          jnp.ones((k,)))
