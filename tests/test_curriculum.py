@@ -460,6 +460,12 @@ def test_ordering_staged_filters_by_step():
         idx, _ = draw(ordering.ordering, state.replace(t=jnp.int32(t)), meta, 3000, seed=t)
         assert set(cats[idx].tolist()) == cats_ok and diffs[idx].max() == dmax
     assert int(ordering.summarize(state.replace(t=jnp.int32(4)))["stage"]) == 1
+    empty = ({"end": 0.5, "categories": ("a",), "min_difficulty": 5}, {"end": 1.0})
+    with pytest.raises(ValueError, match=r"stages\[0\] admits no row"):
+        ordering.init(cfg(name="ordering", kind="staged", stages=empty, total_steps=10), meta)
+    with pytest.raises(ValueError, match=r"stages\[0\].categories names 'z'"):
+        ordering.init(cfg(name="ordering", kind="staged", stages=({"categories": ("z",)},), total_steps=10),
+                      meta)
 
 
 # ----------------------------------------------------------------------------- reweight

@@ -156,6 +156,9 @@ def stage_table(cfg, meta: BankMeta, total_steps: int) -> Stages:
         allowed = np.zeros(meta.num_categories, bool)
         if len(names):
             for c in names:
+                if isinstance(c, str) and c not in meta.category_names:
+                    raise ValueError(f"curriculum.stages[{i}].categories names {c!r}, not a category of "
+                                     f"the bank: choose from {list(meta.category_names)}.")
                 allowed[meta.category_names.index(c) if isinstance(c, str) else int(c)] = True
         else:
             allowed[:] = True
@@ -163,6 +166,12 @@ def stage_table(cfg, meta: BankMeta, total_steps: int) -> Stages:
         cats.append(tuple(bool(a) for a in allowed))
         lo.append(int(st.get("min_difficulty", meta.difficulty_min)))
         hi.append(int(st.get("max_difficulty", meta.difficulty_max)))
+        diff = np.asarray(meta.difficulty)
+        if not np.any(allowed[np.asarray(meta.category)] & (diff >= lo[-1]) & (diff <= hi[-1])):
+            # the sampler would fall back to the whole bank
+            raise ValueError(f"curriculum.stages[{i}] admits no row of the bank (categories "
+                             f"{list(names) or 'all'}, difficulty {lo[-1]}..{hi[-1]}; the bank's "
+                             f"difficulties span {meta.difficulty_min}..{meta.difficulty_max}).")
     if any(b < a for a, b in zip(ends, ends[1:])):
         raise ValueError(f"curriculum.stages must end in increasing order, got ends {ends}.")
     return Stages(tuple(ends), tuple(cats), tuple(lo), tuple(hi))
