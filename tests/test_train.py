@@ -146,6 +146,25 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     assert saved is not None and 0 < saved < 400
 
 
+def test_preemption_on_a_checkpoint_step_and_misaligned_resume(tmp_path, monkeypatch):
+    """A preemption flagged right at a checkpoint step saves once (it used to raise
+    StepAlreadyExistsError), and a resume from a stop_at that is not a multiple of
+    steps_per_dispatch falls back onto its grid: logs and checkpoints at 4, 6, 8 as usual."""
+    from curriculax.train import distributed
+
+    kw = {"steps_per_dispatch": 2, "log_every": 2, "eval_every": 8, "checkpoint_every": 4}
+    monkeypatch.setattr(distributed, "reached_preemption", lambda step: step == 4)
+    train_loop(tiny_config(**kw), tmp_path / "pre")
+    assert checkpoint.manager(tmp_path / "pre", async_save=False).all_steps() == [4]
+    monkeypatch.undo()
+
+    train_loop(tiny_config(**kw, stop_at=3), tmp_path / "odd")
+    train_loop(tiny_config(**kw), tmp_path / "odd")
+    steps = [r["step"] for r in metrics.read(tmp_path / "odd") if "loss" in r]
+    assert steps == [2, 3, 4, 6, 8]
+    assert checkpoint.manager(tmp_path / "odd", async_save=False).all_steps() == [3, 4, 8]
+
+
 def test_quickstart_command_end_to_end(tmp_path):
     proc = _cli("quickstart", f"--workdir={tmp_path}", *_flags(TINY_FLAGS))
     out, _ = proc.communicate(timeout=300)
@@ -179,6 +198,7 @@ def test_streaming_pools_same_structure_and_exact_resume(tmp_path):
     train_loop(cfg_stop, tmp_path / "resumed")
     train_loop(cfg, tmp_path / "resumed")
     train_loop(cfg, tmp_path / "straight")
+    train_loop(cfg, tmp_path / "straight")  # relaunching a finished streaming run is a no-op
     a, b = _final_state(tmp_path / "resumed", cfg), _final_state(tmp_path / "straight", cfg)
     jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
     np.testing.assert_array_equal(_losses(tmp_path / "resumed")[-1], _losses(tmp_path / "straight")[-1])

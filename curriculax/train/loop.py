@@ -119,17 +119,22 @@ def train(cfg, workdir) -> dict:
                desc="train", dynamic_ncols=True)
     pending = None  # (step, metrics on device, wall time at dispatch, steps since last log)
     t_log, steps_since = time.perf_counter(), 0
+    spd = cfg.steps_per_dispatch
+
+    def dispatch_size(at):  # back onto multiples of spd after a resume from an odd stop_at
+        return min(spd - at % spd, stop - at)
+
     with _preemption_flag(handler=jax.process_count() == 1) as preempt:
-        upcoming = exp.data_for(step, min(cfg.steps_per_dispatch, stop - step))
+        upcoming = exp.data_for(step, dispatch_size(step)) if step < stop else None
         while step < stop and not preempt["stop"]:
-            k = min(cfg.steps_per_dispatch, stop - step)
+            k = dispatch_size(step)
             if k not in compiled:
                 compiled[k] = exp.step_fn(k)
             state, metrics = compiled[k](state, upcoming)
             step += k
             preempt["stop"] |= distributed.reached_preemption(step)  # multi-process
             if step < stop:  # prepared while the devices run the dispatch above
-                upcoming = exp.data_for(step, min(cfg.steps_per_dispatch, stop - step))
+                upcoming = exp.data_for(step, dispatch_size(step))
             steps_since += k
             if pending is not None:  # fetched only now: the next dispatch is already queued
                 host = log_metrics(*pending)
@@ -147,7 +152,7 @@ def train(cfg, workdir) -> dict:
                 actions(step)
         if pending is not None:
             log_metrics(*pending)
-        if preempt["stop"] and step < stop:
+        if preempt["stop"] and step < stop and mngr.latest_step() != step:  # not saved just now
             log.warning("SIGTERM: checkpointing step %d before exit", step)
             checkpoint.save(mngr, step, state, {"step": step, **info})
     bar.close()
