@@ -9,6 +9,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from curriculax.train import build, checkpoint, metrics, quickstart_config
@@ -62,9 +63,25 @@ def test_loss_ignores_prompt_targets_but_not_response_targets():
 def test_grad_accumulation_equals_full_batch():
     (s1, m1), _ = one_step(tiny_config())
     (s2, m2), _ = one_step(tiny_config(grad_accum=4))
+    (s3, m3), _ = one_step(tiny_config(grad_accum=4, **{"mesh.num_devices": 8, "mesh.data": 8}))
+    np.testing.assert_allclose(m1["loss"], m3["loss"], rtol=1e-5)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s1.params, s2.params)
+
+
+def test_micro_batches_keep_every_device_busy():
+    """8-way data parallel, 4 micro-batches: each micro-batch spreads over all 8 devices."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from curriculax.train.step import micro_batches
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    x = jax.device_put(jnp.arange(32 * 3).reshape(32, 3), NamedSharding(mesh, P("data")))
+    mb = jax.jit(micro_batches, static_argnums=1)(x, 4)
+    np.testing.assert_array_equal(mb[1, :, 0], np.arange(1, 32, 4) * 3)  # rows 1, 5, 9, ...
+    per_device = {s.data.shape for s in mb.addressable_shards}
+    assert per_device == {(4, 1, 3)}, per_device  # 1 row of each micro-batch on every device
 
 
 def _losses(workdir):

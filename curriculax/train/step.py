@@ -35,6 +35,16 @@ def example_stats(stats, mask_BxT):
     return loss, jnp.sum(correct * mask, -1) / n
 
 
+def micro_batches(tree, accum: int):
+    """``[B, ...]`` leaves as ``[accum, B / accum, ...]`` micro-batches of strided rows (micro-batch
+    ``j`` holds rows ``j, j + accum, ...``): with the rows sharded in contiguous blocks over the
+    data-parallel devices, every device keeps its share of every micro-batch (a plain reshape
+    would give each micro-batch to ``1 / accum`` of the devices)."""
+    def one(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
+    return jax.tree.map(one, tree)
+
+
 def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, config,
                     mesh=None, rules=(), sparsity=None):
     """Returns ``train_step(state, bank) -> (state, metrics)``, pure and jit-able.
@@ -112,19 +122,19 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
         if accum == 1:
             return grad_fn(state.params, state.ref_params, batch, weights, rng, denominator,
                            model_ctx)
-        split = lambda x: x.reshape(accum, batch_size // accum, *x.shape[1:])  # noqa: E731
-        micro = jax.tree.map(split, (batch, weights))
+        micro = micro_batches((batch, weights), accum)
         rngs = jax.random.split(rng, accum)
 
         def body(grad_sum, xs):
             (mb, w), r = xs
+            mb, w = constrain_batch((mb, w))
             (loss, aux), grads = grad_fn(state.params, state.ref_params, mb, w, r, denominator,
                                          model_ctx)
             return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grads, (losses, aux) = jax.lax.scan(body, zeros, (micro, rngs))
-        aux = jax.tree.map(lambda x: x.reshape(batch_size, *x.shape[2:]), aux)
+        aux = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(batch_size, *x.shape[2:]), aux)
         return (losses.sum(), aux), grads
 
     def apply_transforms(batch, rng, state, bank):
