@@ -8,6 +8,7 @@ buffer directly where it belongs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import logging
 from typing import Any
 
@@ -172,6 +173,15 @@ def build(cfg) -> Experiment:
     num_rows = jax.tree.leaves(host_bank)[0].shape[0]
     example_sharding = sharding.named_sharding(mesh, (num_rows,), ("examples",), rules)
     rows_spec = example_sharding.spec[0]
+    wanted = sharding.logical_to_mesh(("examples",), rules)[0]
+    if wanted is not None and example_sharding.spec != P(wanted):
+        names = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+        shards = math.prod(mesh.shape[n] for n in names)
+        logging.getLogger(__name__).warning("The %d-row %s does not split evenly over the %d %s shards: it (and the "
+                    "curriculum's per-example state) is laid out as %s instead. A multiple of %d "
+                    "rows (data.num_train / data.pool_size) shards it evenly.", num_rows,
+                    "pool" if pools is not None else "example bank", shards, names,
+                    example_sharding.spec, shards)
     bank_shardings = jax.tree.map(
         lambda x: NamedSharding(mesh, P(rows_spec, *([None] * (x.ndim - 1)))), host_bank)
     # Every process holds the whole host bank; each copies only its devices' rows.
