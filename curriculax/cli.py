@@ -23,8 +23,26 @@ from ml_collections import config_flags
 from curriculax.train import config as config_lib
 from curriculax.train import distributed
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", f"{config_lib.__file__}:quickstart", "Experiment config file.", lock_config=True)
+def _unknown_key(e: Exception, argv) -> str:
+    """One line for an unknown ``--config.<key>``: the full dotted key from the command line and
+    ml_collections' spelling suggestion, if any."""
+    text = str(e.args[0] if e.args else e).replace("\\'", "'")
+    names = re.findall(r"'(\w+)'", text)
+    name = names[0] if names else text.splitlines()[0]
+    given = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
+    full = next((g for g in given if name in g.split(".")), name)
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    prefix = full.rsplit(".", 1)[0] + "." if "." in full else ""
+    fix = (f": did you mean {prefix + hint.group(1)!r}?" if hint
+           else "; check the spelling against the config file's fields.")
+    return f"curriculax: unknown config key {full!r} in the command line{fix}"
+
+
+try:  # with the built-in default, absl applies --config.<key> overrides right here, at import
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", f"{config_lib.__file__}:quickstart", "Experiment config file.", lock_config=True)
+except (AttributeError, KeyError) as e:
+    sys.exit(_unknown_key(e, sys.argv))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
@@ -107,12 +125,15 @@ def main(argv):
 def _parse_flags(argv):
     """absl parsing with one readable line for an unknown ``--config.<key>`` or a bad value."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        _CONFIG.value.get("steps")  # a missing or broken --config file fails here, not mid-run
+        return rest
     except (AttributeError, KeyError) as e:
-        key = re.findall(r"'([^']+)'", str(e))
-        name = key[0] if key else str(e)
-        sys.exit(f"curriculax: unknown config key {name!r} in the command line; "
-                 f"check the spelling against the config file's fields.")
+        sys.exit(_unknown_key(e, argv))
+    except OSError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        sys.exit(f"curriculax: --config={flags.FLAGS['config'].config_filename}: cannot load it "
+                 f"({lines[-1]}).")
     except flags.Error as e:
         sys.exit(f"curriculax: {e}")
 

@@ -141,11 +141,17 @@ def test_exact_resume_after_process_exit(tmp_path):
 
 
 def test_cli_rejects_unknown_config_key(tmp_path):
-    proc = _cli("train", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
-                "--config.no_such_key=1")
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert "no_such_key" in out
+    cases = {("--config=configs/quickstart.py", "--config.no_such_key=1"): "'no_such_key'",
+             ("--config=configs/quickstart.py", "--config.data.seqlen=64"):
+                 "unknown config key 'data.seqlen' in the command line: did you mean 'data.seq_len'?",
+             ("--config.optimizer.lrr=1",):  # the built-in config: overrides apply at import
+                 "unknown config key 'optimizer.lrr' in the command line: did you mean 'optimizer.lr'?",
+             ("--config=configs/nonexist.py",):
+                 "--config=configs/nonexist.py: cannot load it ([Errno 2] No such file or directory"}
+    for args, message in cases.items():
+        proc = _cli("train", f"--workdir={tmp_path}", *args)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and message in out and "Traceback" not in out, (args, out)
 
 
 def test_sigterm_checkpoints_and_resumes(tmp_path):
