@@ -3,8 +3,9 @@
 Arms are MATH levels 1-5 (``curriculum.arms="difficulty"``); ``--config.curriculum.arms=category``
 uses the 7 subjects and ``joint`` their product. Required: ``--config.model.hf_path`` and
 ``--config.data.tokenizer`` (an instruct model's directory). The shared file is a 1000-problem
-subset of the MATH *test* set, so the defaults train on it and evaluate on its first 200
-problems: a smoke/demo setting; point ``data.path`` at MATH train for a real run.
+subset of the MATH *test* set, so the defaults train on its first 800 problems and evaluate on
+the last 200: a smoke/demo setting; point ``data.path`` at MATH train (and ``data.eval_path`` at
+MATH test) for a real run.
 
     curriculax train --config=configs/sec_math.py --workdir=runs/sec_math \\
         --config.model.hf_path=/models/qwen2.5-0.5b-instruct \\
@@ -27,7 +28,7 @@ def get_config(curriculum: str = "sec"):
     c.data.source = "math"
     c.data.tokenizer = ""
     c.data.path = "../shared/data/math/test1000.jsonl"
-    c.data.eval_path = "../shared/data/math/test1000.jsonl"
+    c.data.eval_path = ""  # the last num_eval problems of data.path, held out from training
     c.data.template = "chat"
     c.data.seq_len = 1024
     c.data.num_train = 0

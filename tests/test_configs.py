@@ -49,3 +49,19 @@ def test_cpu_configs_build(name, arg):
         bad.required_fields = ()
         bad.data.num_train, bad.data.num_eval = 64, 8
         build(bad)
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n, args in ARGS.items() for a in args])
+def test_file_configs_load_disjoint_train_and_held_out_data(name, arg, monkeypatch):
+    """The configs that read ../shared data get both sets, disjoint (sec_math once had none)."""
+    from curriculax.data.sources import load_records
+
+    cfg = load(name, arg)
+    if not cfg.data.get("path"):
+        pytest.skip("generated data")
+    monkeypatch.chdir(CONFIGS.parent)  # the configs' paths are relative to the repository
+    if not pathlib.Path(cfg.data.path).exists():
+        pytest.skip("../shared/data is not there")
+    train, held_out = load_records(cfg.data, cfg.seed)
+    assert train and held_out, (len(train), len(held_out))
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}

@@ -177,6 +177,17 @@ def test_read_jsonl_errors_name_file_line_field(tmp_path):
         with pytest.raises(DataError) as err:
             list(jsonl.read_jsonl(path, required=("q",)))
         _assert_names(err, path, line, field)
+    with pytest.raises(DataError, match="cannot open it") as err:  # a directory
+        list(jsonl.read_jsonl(tmp_path))
+    _assert_names(err, tmp_path, None, None)
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes('{"q": "a"}\n{"q": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8.*save the file as UTF-8") as err:
+        list(jsonl.read_jsonl(latin, required=("q",)))
+    _assert_names(err, latin, 2, None)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + '{"q": "a"}\n'.encode())
+    assert list(jsonl.read_jsonl(bom)) == [{"q": "a"}]
 
 
 def test_write_jsonl_roundtrip_and_atomic(tmp_path):
@@ -267,6 +278,7 @@ def test_math_inline(tmp_path):
 @pytest.mark.parametrize("line2, field", [
     (_math_line("no boxed answer here"), "solution"),
     (_math_line(r"$\boxed{\frac{1}{2}$"), "solution"),  # unbalanced
+    (_math_line(r"$\boxed{ }$"), "solution"),  # empty
     (_math_line(r"$\boxed{1}$", "Level ?"), "level"),
     (json.dumps({"problem": "P", "level": "Level 2", "solution": r"\boxed{1}"}), "type"),
 ])
@@ -334,3 +346,19 @@ def test_package_import_is_fast_and_lazy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout.split()
     assert float(out[0]) < 1.0 and out[1:] == ["False", "True"]
+
+
+def test_one_file_split_needs_a_held_out_count(tmp_path):
+    from curriculax.data.sources import load_records
+    from curriculax.train import quickstart_config
+
+    path = _write_lines(tmp_path / "d.jsonl", [json.dumps({"id": f"x{i}", "prompt": f"p{i}", "response": "r", "answer": "a",
+                                                           "category": "c", "difficulty": 1})
+                                                for i in range(6)])
+    c = quickstart_config().data
+    c.update(source="jsonl", path=str(path), eval_path="", num_train=0, num_eval=2)
+    train, held_out = load_records(c, 0)
+    assert [r["prompt"] for r in held_out] == ["p4", "p5"] and len(train) == 4
+    c.num_eval = 0  # train[:-0] used to empty the training set
+    with pytest.raises(ValueError, match="config.data.num_eval=0"):
+        load_records(c, 0)

@@ -26,12 +26,20 @@ def read_jsonl_numbered(path: PathLike,
     file, checking ``required`` fields are present and non-empty."""
     src = str(path)
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")
     except FileNotFoundError:
         raise DataError("file not found", source=src, fix="check the path (JSONL: one JSON object per line)") from None
+    except OSError as err:  # a directory, no permission, ...
+        raise DataError(f"cannot open it ({err.strerror})", source=src,
+                        fix="point to a readable JSONL file (one JSON object per line)") from None
     with handle:
         seen = False
-        for number, text in enumerate(handle, start=1):
+        for number, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})", source=src,
+                                line=number, fix="save the file as UTF-8") from None
             if not text.strip():
                 continue
             seen = True
@@ -160,12 +168,12 @@ def math(path: PathLike, *, limit: int | None = None,
                 continue
             raise DataError(f"level {obj['level']!r} is not 'Level 1'..'Level 5'", source=src, line=number,
                             field="level", fix="fix the level, or pass unknown_level='skip' to drop such lines")
-        answer = last_boxed(str(obj["solution"]))
+        answer = (last_boxed(str(obj["solution"])) or "").strip()
         if not answer:
             raise DataError("no \\boxed{...} answer (or unbalanced braces)", source=src, line=number,
                             field="solution", fix="put the final answer in \\boxed{...} in the solution")
         records.append(validate({
             "id": f"math-{stem}-{number}", "prompt": str(obj["problem"]), "response": str(obj["solution"]),
-            "answer": answer.strip(), "category": str(obj["type"]).strip(), "difficulty": int(level.group(1))},
+            "answer": answer, "category": str(obj["type"]).strip(), "difficulty": int(level.group(1))},
             source=src, line=number))
     return records

@@ -97,6 +97,9 @@ def load_records(data_config, seed: int) -> tuple[list[dict], list[dict]]:
         held_out = SOURCES[eval_source](data_config, seed, train=False)
     else:  # one file: split the tail off as the held-out set
         n = data_config.num_eval
+        if n <= 0:
+            raise ValueError(f"config.data.num_eval={n}: splitting the held-out set off one file needs "
+                             f"num_eval >= 1 (or give config.data.eval_path).")
         if n >= len(train):
             raise ValueError(
                 f"config.data.num_eval={n} leaves no training data out of {len(train)} records."
