@@ -352,9 +352,9 @@ def test_one_file_split_needs_a_held_out_count(tmp_path):
     from curriculax.data.sources import load_records
     from curriculax.train import quickstart_config
 
-    path = _write_lines(tmp_path / "d.jsonl", [json.dumps({"id": f"x{i}", "prompt": f"p{i}", "response": "r", "answer": "a",
-                                                           "category": "c", "difficulty": 1})
-                                                for i in range(6)])
+    rows = [{"id": f"x{i}", "prompt": f"p{i}", "response": "r", "answer": "a", "category": "c", "difficulty": 1}
+            for i in range(6)]
+    path = _write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
     c = quickstart_config().data
     c.update(source="jsonl", path=str(path), eval_path="", num_train=0, num_eval=2)
     train, held_out = load_records(c, 0)
