@@ -151,3 +151,20 @@ def test_load_tokenizer_missing_path(tmp_path):
     assert str(tmp_path / "no_such_model") in str(err.value) and "tokenizer.json" in str(err.value)
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_tokenizer(tmp_path)  # exists, but holds no tokenizer.json
+
+
+def test_chat_template_that_renders_bos_gets_one_bos(hf_dir, tmp_path):
+    from curriculax.data.bank import ExampleBank
+
+    (tmp_path / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
+    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+              "chat_template": "{{ bos_token }}{{ messages[0]['content'] }}\n"}  # as Llama-3's does
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(tmp_path)
+    rec = {"id": "a", "prompt": "hi", "response": "#### 1", "answer": "1", "category": "c", "difficulty": 1}
+    for template in ("chat", "plain"):
+        row = ExampleBank.build([rec], tok, seq_len=32, template=template).bank.tokens[0]
+        assert row[0] == tok.bos_id and row[1] != tok.bos_id, template
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>",}')
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: invalid JSON .* line 1"):
+        load_tokenizer(tmp_path)

@@ -122,7 +122,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+                             f"fix the file or re-save the tokenizer.") from None
 
 
 def _token_text(value: Any) -> str | None:
