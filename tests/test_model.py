@@ -104,6 +104,10 @@ def test_generate_eos_and_sampling():
                                   prompt_mask=jnp.ones((3, 6), bool)))
     first = list(greedy[0]).index(eos)
     assert stopped[0, first] == eos and (stopped[0, first + 1:] == -1).all()
+    # several EOS ids (Llama-3's generation configs list more than one)
+    both = np.asarray(generate(model, prompt, 8, eos_id=(int(greedy[0, 0]), eos), pad_id=-1,
+                               prompt_mask=jnp.ones((3, 6), bool)))
+    assert both[0, 0] == greedy[0, 0] and (both[0, 1:] == -1).all()
     kw = dict(temperature=1.0, prompt_mask=jnp.ones((3, 6), bool))
     s1 = generate(model, prompt, 8, rng=jax.random.key(0), **kw)
     s2 = generate(model, prompt, 8, rng=jax.random.key(0), **kw)
@@ -112,6 +116,36 @@ def test_generate_eos_and_sampling():
     assert (np.asarray(s1) != np.asarray(s3)).any()
     with pytest.raises(ValueError, match="rng"):
         generate(model, prompt, 2, temperature=1.0)
+
+
+def test_pick_token_samples_the_tempered_nucleus():
+    """20k draws: temperature divides the logits, top-p cuts the tail, keys are not reused."""
+    from curriculax.models.generate import pick_token
+
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(p)), (20_000, 4))
+    tempered = p ** 0.5 / np.sum(p ** 0.5)  # T = 2
+    token, logp = pick_token(logits, jax.random.key(0), 2.0, 1.0)
+    np.testing.assert_allclose(np.bincount(token, minlength=4) / 20_000, tempered, atol=0.012)
+    np.testing.assert_allclose(np.exp(logp), tempered[np.asarray(token)], rtol=1e-5)
+    token, _ = pick_token(logits, jax.random.key(1), 1.0, 0.7)  # nucleus {0, 1}
+    np.testing.assert_allclose(np.bincount(token, minlength=4) / 20_000, [0.625, 0.375, 0, 0], atol=0.012)
+
+
+def test_kv_cache_overflow_and_out_of_vocab_pad_are_visible_or_harmless():
+    model = _model("llama")
+    tokens = _tokens(1, 7)
+    cache = KVCache.init(model.config, 1, 6)
+    with pytest.raises(ValueError, match="7 tokens do not fit a KV cache of 6 slots"):
+        model(tokens, cache=cache)
+    _, cache = model(tokens[:, :4], cache=cache)
+    hidden, _ = model(tokens[:, 4:7], cache=cache)  # 4 + 3 > 6: earlier keys were overwritten
+    assert np.isnan(np.asarray(hidden)).all()
+    # a pad id past the vocabulary, left padding: the real tokens stay finite and unchanged
+    seg = jnp.array([[0, 0, 1, 1, 1]])
+    padded = jnp.concatenate([jnp.full((1, 2), model.config.vocab_size + 36), tokens[:, :3]], 1)
+    out = model(padded, positions=jnp.maximum(jnp.cumsum(seg, 1) - 1, 0), segment_ids=seg)
+    np.testing.assert_allclose(out[:, 2:], model(tokens[:, :3]), atol=1e-5)
 
 
 def test_top_p_filter_keeps_nucleus():

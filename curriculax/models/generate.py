@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from curriculax.models.transformer import KVCache, head_logits
@@ -49,10 +50,18 @@ def pick_token(logits_BxV, rng, temperature: float, top_p: float):
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
+def _eos_tuple(eos_id) -> tuple[int, ...]:
+    """``eos_id``: None, one id, or several (Llama-3's generation configs list more than one)."""
+    if eos_id is None:
+        return ()
+    return (int(eos_id),) if isinstance(eos_id, (int, np.integer)) else tuple(int(e) for e in eos_id)
+
+
 def decode_model(model, prompt_BxP, mask_BxP, rng, *, max_new_tokens: int, temperature: float,
-                 top_p: float, eos_id: int | None, pad_id: int) -> Generation:
+                 top_p: float, eos_id: int | tuple[int, ...] | None, pad_id: int) -> Generation:
     """Decoding as a pure function of a model: traceable inside any jitted step (RL rollouts)."""
     cfg = model.config
+    eos_ids = _eos_tuple(eos_id)
     b, p = prompt_BxP.shape
     seg = mask_BxP.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
@@ -67,8 +76,8 @@ def decode_model(model, prompt_BxP, mask_BxP, rng, *, max_new_tokens: int, tempe
         token, logp = pick_token(logits, key, temperature, top_p)
         token = jnp.where(done_B, pad_id, token)
         emitted = ~done_B
-        if eos_id is not None:
-            done_B = done_B | (token == eos_id)
+        if eos_ids:
+            done_B = done_B | jnp.isin(token, jnp.asarray(eos_ids, jnp.int32))
         h, cache = model(token[:, None], positions=pos_B[:, None],
                          segment_ids=jnp.ones((b, 1), jnp.int32), cache=cache)
         return (cache, h[:, 0], pos_B + 1, done_B), (token, jnp.where(emitted, logp, 0.0), emitted)
@@ -88,7 +97,7 @@ def _decode(graphdef, state, prompt_BxP, mask_BxP, rng, **kwargs) -> Generation:
 
 
 def decode(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.0,
-           top_p: float = 1.0, rng=None, eos_id: int | None = None, pad_id: int = 0,
+           top_p: float = 1.0, rng=None, eos_id: int | tuple[int, ...] | None = None, pad_id: int = 0,
            prompt_mask=None) -> Generation:
     """Full decoding output (tokens, per-token log-probs, validity mask); see :func:`generate`."""
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
@@ -100,16 +109,16 @@ def decode(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.
     graphdef, state = nnx.split(model)
     return _decode(graphdef, state, prompt_tokens, jnp.asarray(prompt_mask), rng,
                    max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                   top_p=float(top_p), eos_id=eos_id, pad_id=int(pad_id))
+                   top_p=float(top_p), eos_id=_eos_tuple(eos_id) or None, pad_id=int(pad_id))
 
 
 def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.0,
-             top_p: float = 1.0, rng=None, eos_id: int | None = None, pad_id: int = 0,
+             top_p: float = 1.0, rng=None, eos_id: int | tuple[int, ...] | None = None, pad_id: int = 0,
              prompt_mask=None) -> jax.Array:
     """Generates ``[B, max_new_tokens]`` tokens after left-padded prompts ``[B,P]``.
 
     ``prompt_mask`` (True = real token) defaults to ``prompt_tokens != pad_id``. After a row
-    emits ``eos_id`` it is filled with ``pad_id``.
+    emits ``eos_id`` (one id or a tuple of them) it is filled with ``pad_id``.
     """
     return decode(model, prompt_tokens, max_new_tokens, temperature=temperature, top_p=top_p,
                   rng=rng, eos_id=eos_id, pad_id=pad_id, prompt_mask=prompt_mask).tokens

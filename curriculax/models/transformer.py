@@ -109,7 +109,9 @@ class Transformer(nnx.Module):
         segment_ids = segment_ids.astype(jnp.int32)
 
         if inputs_embeds is None:
-            x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.compute_dtype)
+            # clip: an out-of-range pad id would read NaN, and 0-probability attention to a NaN
+            # value is still NaN (padded positions are masked, their embedding is irrelevant)
+            x = jnp.take(self.embed[...], tokens_BxT, axis=0, mode="clip").astype(cfg.compute_dtype)
         else:
             if inputs_embeds.shape != (b, t, cfg.hidden_size):
                 raise ValueError(f"inputs_embeds must be {(b, t, cfg.hidden_size)}, got {inputs_embeds.shape}")
@@ -119,6 +121,9 @@ class Transformer(nnx.Module):
             types = example_type(category, cfg.loramoe_type1_categories)
         kv_seg = None
         if cache is not None:
+            if t > cache.segment_ids.shape[1]:
+                raise ValueError(f"{t} tokens do not fit a KV cache of {cache.segment_ids.shape[1]} slots: "
+                                 f"make it longer (KVCache.init(..., max_len)).")
             kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, start, axis=1)
 
         new_k, new_v = [], []
@@ -133,4 +138,7 @@ class Transformer(nnx.Module):
         if cache is None:
             return hidden
         cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), kv_seg, start + t)
-        return hidden, cache
+        # past the last slot dynamic_update_slice clamps and overwrites earlier keys: make the
+        # (traced, so unraisable) overflow visible as NaN rather than silently wrong
+        overflow = start + t > cache.segment_ids.shape[1]
+        return jnp.where(overflow, jnp.nan, hidden).astype(hidden.dtype), cache
