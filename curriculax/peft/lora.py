@@ -17,11 +17,14 @@ In the trainer (``config.sparsity = sparsity.config("lora", rank=..., ...)``) th
 ``{"base": model weights, "lora": {path: {"a", "b"}}}``; the step merges them before the forward
 pass (``materialize``) with the base under ``stop_gradient``, and the optimizer (clip + AdamW) keeps
 moments for the adapters only. :func:`merge` gives plain model weights and :func:`save_hf` writes
-them as a Hugging Face safetensors checkpoint.
+them as a Hugging Face safetensors checkpoint. Known limitation: the merge rounds to the base
+weights' dtype, so on bfloat16 base weights adapter updates below their rounding step are lost in
+the forward pass (a warning says so); use float32 base weights for exact adapters.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
@@ -105,6 +108,14 @@ def build(config, abstract_params) -> base.Sparsity:
     cfg = base.method_config(config)
     key = jax.random.PRNGKey(cfg.seed)
     shapes = targets(abstract_params, cfg.targets)
+    low = sorted({str(p.dtype) for path, p in jax.tree_util.tree_leaves_with_path(abstract_params)
+                  if base.path_str(path) in shapes and jnp.dtype(p.dtype).itemsize < 4})
+    if low:  # the merged W + s A @ B is rounded to W's dtype for the forward pass
+        logging.getLogger(__name__).warning(
+            "LoRA on %s base weights: each step merges s * A @ B into W and rounds to %s, so "
+            "adapter updates below W's rounding step (~|W| / 256 in bfloat16) are lost in the "
+            "forward pass. Load the base in float32 for exact adapters (a separate x @ A @ B "
+            "path is not implemented).", "/".join(low), "/".join(low))
     wrapped = {"base": abstract_params,
                "lora": {name: {"a": jax.ShapeDtypeStruct((m, cfg.rank), jnp.float32),
                                "b": jax.ShapeDtypeStruct((cfg.rank, n), jnp.float32)}
