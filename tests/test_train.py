@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from curriculax.train import build, checkpoint, metrics, quickstart_config
 from curriculax.train import train as train_loop
@@ -213,6 +214,10 @@ def test_streaming_pools_same_structure_and_exact_resume(tmp_path):
     for f in ("tokens", "targets", "loss_mask", "reasoning_mask", "category", "example_id"):
         assert getattr(exp.bank, f).shape[1:] == getattr(resident, f).shape[1:]
     assert exp.bank.tokens.shape[0] == 16
+    pacing = tiny_config(**{"data.pool_size": 16})
+    pacing.curriculum.update(name="pacing")
+    with pytest.raises(ValueError, match="curriculum.name='pacing' builds its order"):
+        build(pacing)  # its init-time order would index rows of a pool it never saw
     # Every category is present in a pool (stratified mixing).
     assert set(np.asarray(exp.bank.category)) == set(range(len(exp.bank.info.category_names)))
 

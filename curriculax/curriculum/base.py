@@ -71,6 +71,9 @@ class Curriculum(NamedTuple):
     # drives a mixture (Skill-it). ``probe(state, rng, meta) -> indices [P]``; their losses
     # arrive in ``Feedback.probe_loss``.
     probe: Callable[[Any, jax.Array, BankMeta], jax.Array] | None = None
+    # Whether it works on streamed pools (config.data.pool_size > 0), where every step's bank
+    # holds other rows: only methods that keep no per-row state and build no order at init.
+    pool_safe: bool = False
 
 
 _REGISTRY: Registry[Curriculum] = Registry("curriculum", "curriculum.name")

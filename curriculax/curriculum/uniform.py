@@ -36,4 +36,4 @@ def summarize(state: UniformState):
     return {"coverage": jnp.mean(state.counts > 0)}
 
 
-uniform = register("uniform", Curriculum(init, sample, update, summarize))
+uniform = register("uniform", Curriculum(init, sample, update, summarize, pool_safe=True))

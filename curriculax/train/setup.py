@@ -195,6 +195,11 @@ def build(cfg) -> Experiment:
     optimizer = sparsity.optimizer  # make_optimizer's clip + AdamW, restricted by the masks
     lr_schedule = schedule(cfg.optimizer, cfg.steps)
     curriculum = curricula.get(cfg.curriculum.name)
+    if pools is not None and not curriculum.pool_safe:
+        raise ValueError(f"config.curriculum.name={cfg.curriculum.name!r} builds its order / per-row "
+                         f"state from the bank at init, but with config.data.pool_size="
+                         f"{d.pool_size} every step streams a different pool of rows: use the "
+                         f"resident bank (data.pool_size=0) or curriculum 'uniform'.")
     objective = objectives.get(cfg.objective.name)
 
     exp = Experiment(cfg, mesh, rules, tokenizer, train_data, eval_data, bank, model_config,
