@@ -47,6 +47,23 @@ def test_overflow_truncate_and_drop_are_counted():
         ExampleBank.build([REC], TOK, seq_len=40, template="fancy")
 
 
+def test_streamed_pools_follow_the_overflow_rule():
+    """A pool cannot drop rows: a row the bank would drop keeps no loss; prompts are clamped."""
+    from curriculax.data.pipeline import pool_at, pool_dataset
+
+    long = dict(REC, id="b", response="9 + 9 = 18\n" * 10 + "#### 18")
+    hopeless = dict(REC, id="c", prompt="x" * 100)
+    recs = [REC, long, hopeless]
+    for overflow, live in (("truncate", {0, 1}), ("drop", {0})):
+        pools, info = pool_dataset(recs, TOK, seq_len=40, pool_size=3, seed=0, overflow=overflow)
+        pool = pool_at(pools, info, 0)
+        by_id = {int(e): i for i, e in enumerate(pool.example_id)}
+        assert {e for e, i in by_id.items() if pool.loss_mask[i].any()} == live, overflow
+        assert pool.prompt_len.max() <= 40 and info.num_truncated == -1
+    with pytest.raises(ValueError, match="data.overflow"):
+        pool_dataset(recs, TOK, seq_len=40, pool_size=3, seed=0, overflow="wrap")
+
+
 def test_meta_categories_and_left_padded_prompts():
     recs = synthetic.arithmetic(50, 0, max_steps=4)
     data = ExampleBank.build(recs, TOK, seq_len=320)

@@ -204,7 +204,7 @@ def pack_rows(rows, seq_len, pad_id) -> dict[str, np.ndarray]:
         out["targets"][r, :t] = ids[1:]
         out["loss_mask"][r, :t] = kinds[1:] > 0
         out["reasoning_mask"][r, :t] = kinds[:-1] == 1
-        out["prompt_len"][r] = prompt_len
+        out["prompt_len"][r] = min(prompt_len, seq_len)
         out["category"][r] = cat
         out["difficulty"][r] = diff
     return out

@@ -139,7 +139,7 @@ def build(cfg) -> Experiment:
     train_data = pools = None
     if d.pool_size:  # streaming: tokenized lazily, one pool per step
         pools, info = pool_dataset(train_records, tokenizer, pool_size=d.pool_size, seed=cfg.seed,
-                                   **build_kw)
+                                   overflow=d.overflow, **build_kw)
         host_bank = pool_at(pools, info, 0)
     else:
         train_data = ExampleBank.build(train_records, tokenizer, overflow=d.overflow, **build_kw)
