@@ -362,3 +362,16 @@ def test_one_file_split_needs_a_held_out_count(tmp_path):
     c.num_eval = 0  # train[:-0] used to empty the training set
     with pytest.raises(ValueError, match="config.data.num_eval=0"):
         load_records(c, 0)
+
+
+def test_generated_held_out_set_is_full_and_disjoint():
+    """Countdown at one difficulty repeats problems: the held-out draw grows until num_eval
+    prompts are not training prompts (4x over-draw once gave 49 of 96)."""
+    from curriculax.data.sources import load_records
+    from curriculax.train import quickstart_config
+
+    c = quickstart_config().data
+    c.update(source="countdown", num_train=4000, num_eval=96, min_difficulty=2, max_difficulty=2,
+             eval_min_difficulty=2, eval_max_difficulty=2)
+    train, held_out = load_records(c, 0)
+    assert len(held_out) == 96 and not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}

@@ -10,18 +10,19 @@ world itself, a base model's training set before editing).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from curriculax.data import facts, jsonl, records, synthetic
 
 
 def _synthetic(make: Callable, min_key: str, max_key: str, extra: Callable = lambda d: {}):
-    def load(d, seed, *, train: bool):
+    def load(d, seed, *, train: bool, overdraw: int = 4):
         lo, hi = (d.min_difficulty, d.max_difficulty) if train else (
             d.eval_min_difficulty, d.eval_max_difficulty)
         n = d.num_train if train else d.num_eval
         # Over-draw the eval set so that dropping training overlaps still leaves `num_eval`.
-        n = n if train else 4 * n
+        n = n if train else overdraw * n
         return make(n, seed if train else seed + 7919, **{min_key: lo, max_key: hi}, **extra(d))
     return load
 
@@ -108,6 +109,15 @@ def load_records(data_config, seed: int) -> tuple[list[dict], list[dict]]:
     if eval_source not in RECALL:
         seen = {r["prompt"] for r in train}
         held_out = [r for r in held_out if r["prompt"] not in seen]
+        for overdraw in (16, 64) if eval_source in GENERATED else ():
+            if len(held_out) >= data_config.num_eval:
+                break
+            more = SOURCES[eval_source](data_config, seed, train=False, overdraw=overdraw)
+            held_out = [r for r in more if r["prompt"] not in seen]
+        if len(held_out) < data_config.num_eval:
+            logging.getLogger(__name__).warning(
+                "config.data.num_eval=%d: only %d held-out problems are not also training prompts "
+                "(small difficulty range?); evaluating on those.", data_config.num_eval, len(held_out))
     held_out = held_out[: data_config.num_eval]
     stage = data_config.get("curr_reft_stage", "")
     if stage:  # Curr-ReFT: the same problems recast as judge / choice / open questions

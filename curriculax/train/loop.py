@@ -89,6 +89,11 @@ def train(cfg, workdir) -> dict:
     info = {} if exp.train_data is None else {"bank": {
         "examples": len(exp.train_data), "truncated": exp.train_data.info.num_truncated,
         "dropped": exp.train_data.info.num_dropped}}
+    for name, data in (("train", exp.train_data), ("held-out", exp.eval_data)):
+        if data is not None and data.info.num_dropped > 0:  # rows that never reach the model
+            log.warning("%s data: %d of %d records dropped as longer than data.seq_len=%d (%d "
+                        "truncated)", name, data.info.num_dropped, len(data) + data.info.num_dropped,
+                        data.info.seq_len, data.info.num_truncated)
 
     def log_metrics(at_step, metrics, seconds, steps_done):
         host = {k: np.asarray(v)[-1] for k, v in jax.device_get(metrics).items()}

@@ -147,7 +147,9 @@ def build(cfg) -> Experiment:
         make_bank = trainers.get(cfg.trainer).make_bank
         if make_bank is not None:  # e.g. DPO's (chosen, rejected) pairs
             host_bank, train_data = make_bank(train_data, tokenizer, cfg)
-    eval_data = ExampleBank.build(eval_records, tokenizer, overflow=d.overflow, **build_kw,
+    # evaluation decodes from the prompts: a long gold solution is no reason to drop a problem
+    # (data.overflow="drop" would bias the held-out set towards short answers)
+    eval_data = ExampleBank.build(eval_records, tokenizer, overflow="truncate", **build_kw,
                                   category_names=_merged_categories(
                                       eval_records, host_bank.meta().category_names))
 
