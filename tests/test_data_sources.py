@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import ml_collections
 import pytest
 
 from curriculax.data import jsonl, synthetic
@@ -327,6 +328,12 @@ def test_tfds_roundtrip(tmp_path):
     assert tfds_source.records_from_source(source) == train  # same records, same order
     by_name = tfds.data_source("curriculax_jsonl/default", data_dir=str(tmp_path / "tfds"), split="test")
     assert tfds_source.records_from_source(by_name) == [{k: r[k] for k in FIELDS} for r in test]
+    from curriculax.data.sources import SOURCES  # config.data.path / eval_path = DIR[:SPLIT]
+    c = ml_collections.ConfigDict(dict(source="tfds", path=str(tmp_path / "tfds"), num_train=0, num_eval=0,
+                                       eval_path=f"{tmp_path / 'tfds'}:test", min_difficulty=0, max_difficulty=99,
+                                       eval_min_difficulty=0, eval_max_difficulty=99))
+    assert SOURCES["tfds"](c, 0, train=True) == train
+    assert SOURCES["tfds"](c, 0, train=False) == [{k: r[k] for k in FIELDS} for r in test]
     if importlib.util.find_spec("tensorflow") is None:
         assert "tensorflow" not in sys.modules
     with pytest.raises(FileNotFoundError, match="build_jsonl_dataset"):

@@ -59,10 +59,14 @@ def _facts(world: bool):
     return load
 
 
-def _tfds(path, split):
+def _tfds(path):
+    """``DIR`` (its ``train`` split) or ``DIR:SPLIT``: a dataset from ``tfds_source.build_jsonl_dataset``."""
     from curriculax.data import tfds_source
 
-    return tfds_source.records_from_source(tfds_source.data_source(path, split))
+    root, _, split = str(path).rpartition(":")
+    if not root or "/" in split or "\\" in split:  # no split given (or a ':' inside the path)
+        root, split = str(path), "train"
+    return tfds_source.records_from_source(tfds_source.data_source(root, split))
 
 
 SOURCES: dict[str, Callable] = {
@@ -72,7 +76,7 @@ SOURCES: dict[str, Callable] = {
     "gsm8k": _file(jsonl.gsm8k),
     "math": _file(jsonl.math),
     "jsonl": _file(_generic_jsonl),
-    "tfds": _file(lambda p: _tfds(p, "train")),
+    "tfds": _file(_tfds),  # data.eval_path="DIR:test" reads the test split
     "facts": _facts(world=False),
     "facts_world": _facts(world=True),
 }

@@ -37,7 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "arithmetic"  # arithmetic | countdown | gsm8k | math | jsonl | tfds
-    c.data.path = ""  # file (gsm8k, math, jsonl) or TFDS data_dir (tfds)
+    c.data.path = ""  # file (gsm8k, math, jsonl) or TFDS data_dir[:split] (tfds; split train)
     c.data.eval_path = ""  # held-out file; empty: split `num_eval` records off the training set
     c.data.eval_source = ""  # the held-out set's source when it differs (S3FT's rewritten file)
     c.data.num_train = 2000  # synthetic sources: how many records; files: a limit (0 = all)
