@@ -470,6 +470,13 @@ def test_ordering_staged_filters_by_step():
 
 # ----------------------------------------------------------------------------- reweight
 
+def test_unknown_curriculum_keys_are_errors():
+    meta = make_meta([0, 0, 1], [1, 2, 3])
+    with pytest.raises(ValueError, match=r"config.curriculum has keys \['alpah'\] unknown to 'cyclical'"):
+        cyclical.init(cfg(name="cyclical", alpah=0.3, total_steps=10), meta)
+    pacing.init(cfg(name="pacing", total_steps=10), meta)  # name and total_steps are always fine
+
+
 def test_reweight_anneal_worked_example_and_weights():
     q = jnp.asarray([0.5, 0.3, 0.2])
     np.testing.assert_allclose(reweight.anneal(q, 0.0), [0.5, 0.3, 0.2], atol=1e-7)

@@ -14,11 +14,22 @@ import ml_collections
 from flax import struct
 
 
-def with_defaults(config, defaults: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``defaults`` overridden by the fields ``config`` sets (``config`` may be ``None``)."""
+def with_defaults(config, defaults: ml_collections.ConfigDict, *, strict: bool = True,
+                  field: str = "config.curriculum") -> ml_collections.ConfigDict:
+    """``defaults`` overridden by the fields ``config`` sets (``config`` may be ``None``).
+
+    ``strict``: a field ``defaults`` does not know is an error naming it (a typo such as
+    ``alpah`` would otherwise fall back to the default silently); ``name`` and the trainer's
+    ``total_steps`` are always allowed."""
     merged = defaults.to_dict()
     if config is not None:
-        merged.update(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+        given = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        unknown = sorted(set(given) - set(merged) - {"name", "total_steps"})
+        if strict and unknown:
+            name = given.get("name") or merged.get("name", "")
+            raise ValueError(f"{field} has keys {unknown} unknown to {name!r}; known: "
+                             f"{sorted(set(merged) - {'name'})}.")
+        merged.update(given)
     return ml_collections.ConfigDict(merged)
 
 

@@ -75,7 +75,7 @@ def init(config, meta: BankMeta) -> SelfPacedState:
         raise ValueError(f"curriculum.unseen={cfg.unseen!r}: choose eligible or ineligible.")
     total = sampling.require_total_steps(cfg, "self_paced")
     e = meta.num_examples
-    pace = pacing.Pace.from_config(sampling.with_defaults(cfg, pacing.default_config()), total)
+    pace = pacing.Pace.from_config(sampling.with_defaults(cfg, pacing.default_config(), strict=False), total)
     return SelfPacedState(
         ema=jnp.zeros((e,), jnp.float32), seen=jnp.zeros((e,), bool), t=jnp.zeros((), jnp.int32),
         threshold=jnp.full((), jnp.inf, jnp.float32), pace=pace,

@@ -45,7 +45,8 @@ def cutoff_fraction(ctx: TransformContext, cfg):
 
 def apply(batch, rng, ctx: TransformContext):
     del rng
-    cfg = sampling.with_defaults(ctx.config, default_config())
+    cfg = sampling.with_defaults(ctx.config, default_config(),
+                                 field="config.transform_config.vocab_curriculum")
     g = cutoff_fraction(ctx, cfg)
     special_min = None if int(cfg.special_min_id) < 0 else int(cfg.special_min_id)
     updates = {f: climb.vocab_map(getattr(batch, f), g, int(cfg.vocab_size), int(cfg.unk_id),
