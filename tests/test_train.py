@@ -236,3 +236,16 @@ def test_relative_workdir_checkpoints(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train_loop(tiny_config(steps=2, checkpoint_every=1, eval_every=2, log_every=1), "rel/run")
     assert checkpoint.manager("rel/run", async_save=False).latest_step() == 2
+
+
+def test_metrics_after_the_resumed_checkpoint_are_not_duplicated(tmp_path):
+    """A process killed after step 5 but checkpointed at 3 resumes at 3: steps 4-5 are logged
+    again, so the writer drops the first copies."""
+    writer = metrics.MetricWriter(tmp_path, tensorboard=False)
+    for step in range(1, 6):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    writer = metrics.MetricWriter(tmp_path, tensorboard=False, resume_step=3)
+    writer.write(4, {"loss": 0.5})
+    writer.close()
+    assert [(r["step"], r["loss"]) for r in metrics.read(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 0.5)]

@@ -244,7 +244,7 @@ class Attention(nnx.Module):
         b, t, h, hd = q.shape
         groups = h // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, groups, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(hd)
         mask = attention_mask(q_index_BxT, segment_ids_BxT, kv_seg)  # [B,1,T,S]
         scores = jnp.where(mask[:, :, None], scores, NEG_INF)
@@ -266,7 +266,7 @@ class Attention(nnx.Module):
         b, t, kv, groups, hd = q.shape
         dt = cfg.compute_dtype
         pk, pv = self.prefix.k[...].astype(q.dtype), self.prefix.v[...].astype(dt)
-        p_scores = jnp.einsum("btkgd,pkd->bkgtp", q, pk).astype(jnp.float32) / math.sqrt(hd)
+        p_scores = jnp.einsum("btkgd,pkd->bkgtp", q, pk, preferred_element_type=jnp.float32) / math.sqrt(hd)
         real = (segment_ids_BxT != 0)[:, None, None, :, None]
         p_scores = jnp.where(real, p_scores, NEG_INF)
         probs = jax.nn.softmax(jnp.concatenate([p_scores, scores], -1), axis=-1).astype(dt)

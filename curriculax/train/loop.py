@@ -84,7 +84,7 @@ def train(cfg, workdir) -> dict:
     stop = cfg.stop_at or cfg.steps
     compiled = {}
     tokens_per_step = exp.trainer.tokens_per_step(cfg)  # RL: sampled completion slots
-    writer = MetricWriter(local) if lead else None
+    writer = MetricWriter(local, resume_step=step) if lead else None
     last: dict = {}
     info = {} if exp.train_data is None else {"bank": {
         "examples": len(exp.train_data), "truncated": exp.train_data.info.num_truncated,

@@ -16,9 +16,18 @@ def to_python(value):
 class MetricWriter:
     """Appends to ``workdir/metrics.jsonl`` and TensorBoard; only process 0 should own one."""
 
-    def __init__(self, workdir, *, tensorboard: bool = True):
+    def __init__(self, workdir, *, tensorboard: bool = True, resume_step: int | None = None):
+        """``resume_step``: the run restarts from this checkpointed step, so records logged after
+        it by a process that died without checkpointing are dropped (they will be logged again)."""
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = [ln for ln in lines if not ln.strip() or json.loads(ln).get("step", 0) <= resume_step]
+            if len(kept) < len(lines):
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(kept))
+                tmp.replace(self.path)
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
