@@ -12,8 +12,11 @@ on the first ``sft_size`` of them with their demonstrations (the bank row's gold
 and those rows leave the buffer, so the RL:SFT ratio is data-driven. The buffer lives in
 ``TrainState.rl`` and everything runs inside the jitted RL step (``lax.cond``), so nothing
 returns to the host. Deviation from the code: the SFT update uses the RL optimizer (the repo
-configures a second optimizer with the same lr 1e-6); rows that fail by format (reward -1 in
-the repo) are not separated because our rewards do not have a format-failure value.
+configures a second optimizer with the same lr 1e-6), so each SFT update also advances that
+optimizer's count: a decaying learning-rate schedule runs ahead of the RL steps by the number of
+SFT updates (and the logged ``lr``, computed from RL updates only, lags it); use a constant
+schedule to match the repo. Rows that fail by format (reward -1 in the repo) are not separated
+because our rewards do not have a format-failure value.
 
 Defaults (``config.rl``): ``relift_sft_size`` 8 (repo 128 with 8 rollouts x 128 prompts),
 ``relift_capacity`` 64, ``relift_entropy_coef`` 0.0 (repo 0.001); the repo's RL side uses
