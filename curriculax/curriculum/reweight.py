@@ -14,7 +14,8 @@ over the bank) as the per-example loss weights, which the step multiplies into e
 
 Difficulty signal: ``signal="labels"`` uses ``(difficulty - d_min) / (d_max - d_min)``, or
 ``config.scores``: a per-row ``d_i`` in ``[0, 1]`` used as is (e.g. ``1 - correct/k`` from the
-model's own sampled answers; scores outside ``[0, 1]`` are min-max normalized); ``signal="loss"`` uses the model's own tracked loss (EMA per row, ``decay``):
+model's own sampled answers; scores outside ``[0, 1]`` are min-max normalized);
+``signal="loss"`` uses the model's own tracked loss (EMA per row, ``decay``):
 ``d_i = L_i / max_j L_j`` over seen rows, unseen rows at the mean.
 
 Defaults: ``signal="labels", order="easy", floor=0.0, anneal=1.0, mode="loss_weight"``.

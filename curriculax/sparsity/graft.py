@@ -12,8 +12,8 @@ Given pre-trained ``θ_pre`` and fine-tuned ``θ_ft`` (``Δ = θ_ft − θ_pre``
       ∂L/∂S_j = (1 − 2 B_j) · ∇_θ L(θ(γ))_j · Δ_j · σ_j (1 − σ_j)
       S ← S − lr · ∂L/∂S
 
-  evaluated with ``round(γ)``, keeping the ``S`` whose graft scores best (``select``). Defaults (official RoBERTa SST-2 script): ``lr = 1e7``, sparsity
-  ``s = 1e-7``, 10 epochs; ``S₀ ~ U[0, 1)``; the sigmoid bias ``b`` is unverified (``5.0`` here
+  evaluated with ``round(γ)``, keeping the ``S`` whose graft scores best (``select``).
+  Defaults (official RoBERTa SST-2 script): ``lr = 1e7``, sparsity ``s = 1e-7``, 10 epochs; ``S₀ ~ U[0, 1)``; the sigmoid bias ``b`` is unverified (``5.0`` here
   keeps ``γ ≈ B`` at the start). Gradients come from ``jax.grad`` through ``θ(γ(S))``, which is the
   chain rule above.
 
