@@ -13,9 +13,9 @@ Given pre-trained ``θ_pre`` and fine-tuned ``θ_ft`` (``Δ = θ_ft − θ_pre``
       S ← S − lr · ∂L/∂S
 
   evaluated with ``round(γ)``, keeping the ``S`` whose graft scores best (``select``).
-  Defaults (official RoBERTa SST-2 script): ``lr = 1e7``, sparsity ``s = 1e-7``, 10 epochs; ``S₀ ~ U[0, 1)``; the sigmoid bias ``b`` is unverified (``5.0`` here
-  keeps ``γ ≈ B`` at the start). Gradients come from ``jax.grad`` through ``θ(γ(S))``, which is the
-  chain rule above.
+  Defaults (official RoBERTa SST-2 script): ``lr = 1e7``, sparsity ``s = 1e-7``, 10 epochs;
+  ``S₀ ~ U[0, 1)``; the sigmoid bias ``b`` is unverified (``5.0`` here keeps ``γ ≈ B`` at the
+  start). Gradients come from ``jax.grad`` through ``θ(γ(S))``, which is the chain rule above.
 
 This is a post-hoc tool over two parameter pytrees (not a trainer method): ``magnitude_mask`` →
 ``learn`` → ``graft``.
