@@ -30,6 +30,20 @@ def test_answers_match_numeric_and_text():
     assert not ev.answers_match(None, "1")
 
 
+@pytest.mark.parametrize("predicted,reference,same", [
+    ("18 dollars", "18", True), ("**18**", "18", True), ("50%", "50", True), (r"\$18.90", "18.90", True),
+    ("1,234", "1234", True), ("3,5", "35", False), ("1,2,3", "123", False),  # not thousands separators
+    ("(5, 3)", "5", False), ("18 or 19", "18", False),  # more than one number
+    (r"\dfrac{1}{2}", r"\frac{1}{2}", True), (r"\frac12", r"\frac{1}{2}", True), ("1/2", r"\frac{1}{2}", True),
+    ("(1, 2)", "(1,2)", True), (r"\left(1,2\right)", "(1,2)", True), (r"10^\circ", "10", True),
+    (r"\text{5}", "5", True), (r"\sqrt3", r"\sqrt{3}", True), (r"\frac{1}{3}", r"\frac{1}{2}", False),
+])
+def test_answers_match_normalizes_like_math_grading(predicted, reference, same):
+    assert ev.answers_match(predicted, reference) is same
+    if same:  # through extraction, as rewards.math_answer sees it
+        assert ev.answers_match(ev.extract_answer(f"work\n#### {predicted}"), reference)
+
+
 def test_summarize_groups():
     out = ev.summarize(np.array([1, 0, 1, 1], bool), np.array([0, 0, 1, 1]), np.array([1, 2, 1, 2]),
                        ("a", "b"))
@@ -52,3 +66,29 @@ def test_evaluate_counts_exact_matches_of_decoded_text():
     gen = np.asarray(generate(model, prompts, 4, eos_id=tok.eos_id, pad_id=tok.pad_id, prompt_mask=mask))
     expected = np.mean([ev.answers_match(ev.extract_answer(tok.decode(list(g))), "1") for g in gen])
     assert out["accuracy"] == pytest.approx(expected)
+
+
+def test_evaluate_scores_known_generations(monkeypatch):
+    """Decoding stubbed with fixed answers (a random model scores 0 everywhere, so 0 == 0 would
+    prove nothing): rows map to their records across a partial last batch."""
+    tok = ByteTokenizer()
+    answers = ["1", "2", "3", "4", "5"]
+    said = ["#### 1", "#### 7", "so 3", r"\boxed{4}", "#### five"]  # right, wrong, right, right, wrong
+    recs = [{"id": str(i), "prompt": f"q{i}", "response": f"#### {a}", "answer": a,
+             "category": "ab"[i % 2], "difficulty": 1 + i // 3} for i, a in enumerate(answers)]
+    data = ExampleBank.build(recs, tok, seq_len=16)
+    texts = iter(said + [""])  # the last batch of 2 holds one padding row
+
+    def fake_generate(model, prompts, max_new_tokens, **kw):
+        out = np.full((len(prompts), max_new_tokens), tok.pad_id)
+        for r in range(len(prompts)):
+            ids = tok.encode(next(texts))
+            out[r, :len(ids)] = ids
+        return out
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    out = ev.evaluate(None, data, tok, batch_size=2, max_new_tokens=12)
+    assert out["accuracy"] == pytest.approx(3 / 5)
+    assert out["accuracy/category/a"] == pytest.approx(2 / 3)  # rows 0, 2, 4
+    assert out["accuracy/category/b"] == pytest.approx(1 / 2)  # rows 1, 3
+    assert out["accuracy/difficulty/1"] == pytest.approx(2 / 3) and out["accuracy/difficulty/2"] == 0.5

@@ -2,7 +2,12 @@
 
 Answers are taken, in order of preference, from a ``#### N`` line (GSM8K / synthetic), the last
 ``\\boxed{...}`` (MATH), or the last number in the text. Numbers compare numerically
-(``1,000`` == ``1000.0``); other answers compare after whitespace normalization.
+(``1,000`` == ``1000.0``, ``$5`` == ``5``, ``50%`` == ``50``; ``3,5`` is not ``35``), and a numeric
+reference also matches an answer holding exactly one number (``#### 18 dollars``, ``#### **18**``;
+not ``(5, 3)``).
+Other answers compare after the MATH normalization of Hendrycks et al.'s ``strip_string``
+(:func:`normalize_tex`: ``\\dfrac`` -> ``\\frac``, ``\\frac12`` -> ``\\frac{1}{2}``, ``1/2`` ->
+``\\frac{1}{2}``, no spaces, ``\\left`` / ``\\right``, degrees, ``\\text{}``, ``\\$``, ``\\%``).
 """
 
 from __future__ import annotations
@@ -34,21 +39,75 @@ def extract_answer(text: str) -> str | None:
     return nums[-1] if nums else None
 
 
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+
+
 def _as_number(s: str) -> float | None:
-    s = s.strip().rstrip(".").replace(",", "").replace("$", "")
+    s = s.strip().rstrip(".")
+    for unit in ("\\$", "$", "\\%", "%"):
+        s = s.replace(unit, "")
+    s = s.strip()
+    if _THOUSANDS.fullmatch(s):  # 1,234 but not 3,5 (two answers) or 1,2,3
+        s = s.replace(",", "")
     try:
         return float(s)
     except ValueError:
         return None
 
 
+def _fix_fracs(s: str) -> str:
+    r"""``\frac12`` / ``\frac1{2}`` / ``\frac{1}2`` -> ``\frac{1}{2}`` (single-character arguments)."""
+    out, parts = [], s.split("\\frac")
+    out.append(parts[0])
+    for part in parts[1:]:
+        args = []
+        for _ in range(2):
+            if part.startswith("{"):
+                depth = 0
+                for i, ch in enumerate(part):
+                    depth += (ch == "{") - (ch == "}")
+                    if depth == 0:
+                        args.append(part[: i + 1])
+                        part = part[i + 1:]
+                        break
+                else:
+                    return s  # unbalanced: leave it alone
+            elif part:
+                args.append("{" + part[0] + "}")
+                part = part[1:]
+        out.append("\\frac" + "".join(args) + part)
+    return "".join(out)
+
+
+def normalize_tex(s: str) -> str:
+    """A MATH answer in canonical form (after Hendrycks et al.'s ``strip_string``)."""
+    s = s.strip().rstrip(".")
+    s = re.sub(r"\\text\{\s*([^{}]*?)\s*\}", r"\1", s)
+    for old, new in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
+                     ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", ""), ("\\%", ""), ("\\!", ""),
+                     ("\\,", ""), ("\\;", "")):
+        s = s.replace(old, new)
+    s = "".join(s.split())
+    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
+    s = _fix_fracs(s)
+    m = re.fullmatch(r"(-?\d+)/(\d+)", s)
+    if m:
+        s = f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}"
+    if s.startswith("."):
+        s = "0" + s
+    return s
+
+
 def answers_match(predicted: str | None, reference: str) -> bool:
     if predicted is None:
         return False
     a, b = _as_number(predicted), _as_number(reference)
+    if a is None and b is not None:  # "18 dollars", "**18**": the one number in the text
+        found = _NUMBER.findall(predicted)
+        a = _as_number(found[0]) if len(found) == 1 else None
     if a is not None and b is not None:
         return abs(a - b) <= 1e-6 * max(1.0, abs(b))
-    return " ".join(predicted.split()) == " ".join(reference.split())
+    return normalize_tex(predicted) == normalize_tex(reference)
 
 
 def evaluate(model: nnx.Module, data: ExampleBank, tokenizer, *, batch_size: int = 64,
