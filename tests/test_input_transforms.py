@@ -322,3 +322,18 @@ def test_shared_schedules_and_composition(bank):
     masked = np.asarray(out.tokens == TOK.mask_id)
     np.testing.assert_array_equal(masked, np.asarray(cut.reasoning_mask))
     assert not np.any(masked & ~np.asarray(batch.reasoning_mask))
+
+
+def test_partial_transform_config_keeps_the_module_defaults(bank):
+    """A config that sets only some fields keeps the module's other defaults (prefix sampling's
+    linear warmup, not the schedule helper's constant fallback); unknown keys are errors."""
+    batch = _batch(bank)
+    partial = ml_collections.ConfigDict(dict(ratio=1.0, start=0.25))
+    full = ps.default_config()
+    full.update(ratio=1.0, start=0.25)
+    a = ps.apply(batch, jax.random.PRNGKey(0), _ctx("prefix_sampling", partial, step=0))
+    b = ps.apply(batch, jax.random.PRNGKey(0), _ctx("prefix_sampling", full, step=0))
+    np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
+    assert a.loss_mask.sum() < batch.loss_mask.sum()  # the warmup starts at a quarter
+    with pytest.raises(ValueError, match=r"config.transform_config.prefix_sampling has keys \['ratoi'\]"):
+        ps.apply(batch, jax.random.PRNGKey(0), _ctx("prefix_sampling", ml_collections.ConfigDict(dict(ratoi=1.0))))

@@ -169,7 +169,9 @@ def corrupt_row(seq, length, prefix_len, rng, *, kind, mean_span, rate, mode_id,
 
 def ul2_transform(batch, rng, ctx):
     """The registered ``ul2`` transform (see the module docstring)."""
-    cfg = ctx.config if ctx.config is not None else default_config()
+    from curriculax.transforms.base import transform_config  # transforms imports this module
+
+    cfg = transform_config(ctx, default_config(), "ul2")
     specs = [parse_denoiser(s) for s in cfg.denoisers]
     weights = jnp.asarray(tuple(cfg.get("weights", (1.0,) * len(specs))), jnp.float32)
     if weights.shape[0] != len(specs):

@@ -34,6 +34,14 @@ class Transform(NamedTuple):
     embed: Callable[[Any, Any, jax.Array, TransformContext], jax.Array] | None = None
 
 
+def transform_config(ctx: TransformContext, defaults, name: str):
+    """``config.transform_config.<name>`` over the module's ``defaults``: a partial config keeps
+    the other defaults (not the schedule helpers' fallbacks), and an unknown key is an error."""
+    from curriculax.curriculum.sampling import with_defaults
+
+    return with_defaults(ctx.config, defaults, field=f"config.transform_config.{name}")
+
+
 _REGISTRY: Registry[Transform] = Registry("transform", "config.transforms entry")
 register = _REGISTRY.register
 get = _REGISTRY.get

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from curriculax.transforms.base import Transform, register
+from curriculax.transforms.base import Transform, register, transform_config
 from curriculax.transforms.schedule import from_config
 
 SPANS = ("reasoning", "response")
@@ -99,7 +99,7 @@ def response_input_mask(batch) -> jax.Array:
 
 
 def apply(batch, rng, ctx):
-    cfg = ctx.config if ctx.config is not None else default_config()
+    cfg = transform_config(ctx, default_config(), "masked_thought")
     span_name = cfg.get("span", "reasoning")
     if span_name not in SPANS:
         raise ValueError(f"transform_config.masked_thought.span={span_name!r}: choose one of {SPANS}.")

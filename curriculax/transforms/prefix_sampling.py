@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from curriculax.transforms.base import Transform, register
+from curriculax.transforms.base import Transform, register, transform_config
 from curriculax.transforms.schedule import from_config
 
 SAMPLINGS = ("fixed", "uniform")
@@ -69,7 +69,7 @@ def prefix_sample(batch, fraction_B, pad_id: int):
 
 
 def apply(batch, rng, ctx):
-    cfg = ctx.config if ctx.config is not None else default_config()
+    cfg = transform_config(ctx, default_config(), "prefix_sampling")
     f = jnp.clip(from_config(cfg, "ratio", ctx), 0.0, 1.0)
     b = batch.tokens.shape[0]
     sampling = cfg.get("sampling", "fixed")

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from curriculax.kernels import fused_lm_head
-from curriculax.transforms.base import Transform, register
+from curriculax.transforms.base import Transform, register, transform_config
 from curriculax.transforms.masked_thought import response_input_mask
 from curriculax.transforms.schedule import from_config
 
@@ -133,7 +133,7 @@ def mix_embeddings(gold, pred, use_pred, mix: str = "mean", gate: float = 0.5):
 
 def embed(model, batch, rng, ctx) -> jax.Array:
     """The ``embed`` hook: mixed input embeddings for the trained (second) pass."""
-    cfg = ctx.config if ctx.config is not None else default_config()
+    cfg = transform_config(ctx, default_config(), "scheduled_sampling")
     r_pred, r_coin = jax.random.split(rng)
     gold = jnp.take(model.embed[...], batch.tokens, axis=0)
     pred = predicted_embeddings(model, batch, r_pred, cfg)
