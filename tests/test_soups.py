@@ -30,6 +30,8 @@ def test_greedy_soup_worked_example():
     soup, chosen, best = soups.greedy(t, score)
     np.testing.assert_array_equal(soup, [2.0, 1.0])
     assert chosen == [0, 1] and best == 0.0
+    # a tie joins the soup (>=, the paper's algorithm box): every soup scores the same here
+    assert soups.greedy(t, lambda p: 0.0)[1] == [0, 1, 2]
 
 
 @pytest.mark.slow
