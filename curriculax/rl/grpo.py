@@ -17,7 +17,7 @@ response tokens (``rl.aggregation``): ``token_mean`` (verl default, DAPO), ``seq
 (the paper), ``seq_mean_token_sum``, ``dr_grpo`` (``sum / (B * T_max)``) and ``seq_sum_norm``
 (``sum / T_max``, ReLIFT's ``loss_remove_token_mean``).
 
-Defaults (``default_config``): group 8, eps_low = eps_high = 0.2, no dual clip, beta 0.0,
+Defaults (``curriculax.train.config.rl_config``): group 8, eps_low = eps_high = 0.2, no dual clip, beta 0.0,
 Bessel std with eps 1e-6, token_mean, one inner update per rollout batch.
 
 Usage::
