@@ -7,13 +7,13 @@ import pytest
 from flax import nnx
 
 from curriculax import sparsity
+from curriculax.models import ModelConfig, Transformer
+from curriculax.models.layers import LowRank
 from curriculax.peft import lora
 from curriculax.sparsity import lift
 
 from test_sparsity import _flat, _stepwise
 from test_train import tiny_config
-
-
 
 def test_merge_formula_and_zero_init():
     params = {"layers": {0: {"attn": {"q": jnp.ones((4, 2, 3)), "o": jnp.ones((2, 3, 4))},
@@ -72,6 +72,61 @@ def test_lora_in_trainer_updates_only_adapters():
     expect = lora.merge(states[-1].params["base"], states[-1].params["lora"], scale=2.0)
     jax.tree.map(np.testing.assert_array_equal, merged, expect)
     assert lift.state_bytes(states[-1].opt_state) < 0.1 * lift.state_bytes(states[0].params["base"])
+
+
+def _model_and_adapters(dtype, pattern=r"attn/[qkvo]$|mlp/(gate|up|down)$"):
+    cfg = ModelConfig.tiny(dtype=dtype, param_dtype=dtype)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+    ad = lora.init(params, jax.random.PRNGKey(1), rank=4, pattern=pattern)
+    return cfg, graphdef, params, ad
+
+
+def test_unmerged_forward_equals_merged_in_float32_values_and_adapter_grads():
+    cfg, graphdef, params, ad = _model_and_adapters("float32", r"attn/[qkvo]$|mlp/(gate|up|down)$|embed")
+    ad = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(2), x.shape), ad)
+    attached = lora.attach(params, ad, scale=2.0)
+    assert isinstance(attached["layers"][0]["attn"]["o"], LowRank)
+    assert isinstance(attached["layers"][1]["mlp"]["down"], LowRank)
+    assert not isinstance(attached["embed"], LowRank)  # not a projection: merged
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 7), 0, cfg.vocab_size)
+
+    def loss(adapters, fn):
+        hidden = nnx.merge(graphdef, fn(params, adapters, scale=2.0))(tokens)
+        return jnp.sum(jnp.sin(hidden))
+
+    for_merged, g_merged = jax.value_and_grad(loss)(ad, lora.merge)
+    for_attached, g_attached = jax.jit(jax.value_and_grad(loss), static_argnums=1)(ad, lora.attach)
+    np.testing.assert_allclose(for_attached, for_merged, rtol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
+                 g_attached, g_merged)
+
+
+def test_unmerged_bfloat16_projection_keeps_updates_a_merge_rounds_away():
+    # A rank-1 update along the inputs' common direction: each entry (6e-5) is below half the
+    # bfloat16 rounding step of most W entries (~0.06 / 256), so a merged W + dW rounds it away,
+    # but its effect on the outputs (~256 coherent terms, ~1% of y) survives the output's rounding.
+    from curriculax.models.layers import project
+
+    m, n = 256, 128
+    kx, kw = jax.random.split(jax.random.PRNGKey(0))
+    x = (1.0 + 0.3 * jax.random.normal(kx, (64, m))).astype(jnp.bfloat16)
+    w = (jax.random.normal(kw, (m, n)) / 16).astype(jnp.bfloat16)
+    a, b = jnp.full((m, 1), 1 / 16), jnp.full((1, n), 1e-3)
+    exact = x.astype(jnp.float32) @ (w.astype(jnp.float32) + a @ b)
+    base = project("...i,io->...o", x, nnx.Param(w), jnp.bfloat16).astype(jnp.float32)
+    merged = lora.merge({"layers": {0: {"mlp": {"down": w}}}}, {"layers/0/mlp/down": {"a": a, "b": b}},
+                        scale=1.0)["layers"][0]["mlp"]["down"]
+    assert float(jnp.mean(merged != w)) < 0.5  # the merge keeps it only on small entries
+    y_merged = project("...i,io->...o", x, nnx.Param(merged), jnp.bfloat16).astype(jnp.float32)
+    y_low = project("...i,io->...o", x, nnx.Param(LowRank(w, a, b, 1.0)), jnp.bfloat16)
+    assert y_low.dtype == jnp.bfloat16
+    effect = exact - x.astype(jnp.float32) @ w.astype(jnp.float32)
+    err_low = float(jnp.abs((y_low.astype(jnp.float32) - base) - effect).mean())
+    err_merged = float(jnp.abs((y_merged - base) - effect).mean())
+    size = float(jnp.abs(effect).mean())
+    assert err_low < 0.1 * size and err_merged > 0.3 * size  # measured: 2% and 45%
 
 
 def test_corda_worked_examples():

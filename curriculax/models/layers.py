@@ -12,7 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from curriculax.models.config import ModelConfig, RopeScaling
 
@@ -27,6 +27,33 @@ def param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
 class AuxLoss(nnx.Intermediate):
     """A scalar the model sows into its loss (LoRAMoE's balancing constraint). The train step
     collects them with ``nnx.capture(model, AuxLoss)`` and adds their sum to the objective."""
+
+
+@struct.dataclass
+class LowRank:
+    """A frozen weight ``w`` with a LoRA update ``scale * a @ b`` kept apart (the value
+    :func:`curriculax.peft.lora.attach` puts in a projection's parameter). ``a [m, r]`` and
+    ``b [r, n]`` act on the 2-D ``[m, n]`` view of ``w`` (attention ``o [H,D,d]`` is ``[H*D, d]``).
+    Applying ``x @ w + scale * (x @ a) @ b`` instead of a merged ``w + scale * a @ b`` keeps the
+    adapter updates that rounding the merge to a bfloat16 ``w`` would lose."""
+
+    w: jax.Array
+    a: jax.Array
+    b: jax.Array
+    scale: float = struct.field(pytree_node=False, default=1.0)
+
+
+def project(spec: str, x, weight: nnx.Variable, dtype):
+    """``einsum(spec, x, weight)`` in ``dtype``; a :class:`LowRank` weight adds its adapter term,
+    computed in float32 (``r`` is small: a few percent of the projection's FLOPs)."""
+    w = weight.get_value()
+    if not isinstance(w, LowRank):
+        return jnp.einsum(spec, x, w.astype(dtype))
+    y = jnp.einsum(spec, x, w.w.astype(dtype))
+    n_in = (x.ndim + w.w.ndim - y.ndim) // 2  # trailing dims of x the einsum contracts
+    x_2d = x.reshape(*x.shape[:x.ndim - n_in], w.a.shape[0]).astype(jnp.float32)
+    delta = (x_2d @ w.a.astype(jnp.float32)) @ w.b.astype(jnp.float32)
+    return y + (w.scale * delta).reshape(y.shape).astype(y.dtype)
 
 
 # LoRAMoE (curriculax.peft.loramoe): pure functions ------------------------------------------
@@ -216,7 +243,7 @@ class Attention(nnx.Module):
 
     def _project(self, x, w, bias_name):
         dt = self.cfg.compute_dtype
-        y = jnp.einsum("btd,dhk->bthk", x, w[...].astype(dt))
+        y = project("btd,dhk->bthk", x, w, dt)
         if self.cfg.qkv_bias:
             y = y + getattr(self, bias_name)[...].astype(dt)
         return y
@@ -254,7 +281,7 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cfg.compute_dtype))
         out = out.reshape(b, t, h, hd)
         record(self, "o_input", out.reshape(b, t, h * hd))
-        y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(cfg.compute_dtype))
+        y = project("bthk,hkd->btd", out, self.o, cfg.compute_dtype)
         return y, layer_cache
 
     def _with_prefix(self, q, scores, v, segment_ids_BxT):
@@ -275,7 +302,7 @@ class Attention(nnx.Module):
                + jnp.einsum("bkgts,bskd->btkgd", probs[..., n:], v.astype(dt)))
         out = out.reshape(b, t, kv * groups, hd)
         record(self, "o_input", out.reshape(b, t, kv * groups * hd))
-        return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+        return project("bthk,hkd->btd", out, self.o, dt)
 
 
 class MLP(nnx.Module):
@@ -298,7 +325,7 @@ class MLP(nnx.Module):
             {name: LoRAMoE(cfg, *shapes[name], rngs=rngs) for name in names}))
 
     def _adapted(self, name, x, w, example_type_B):
-        y = x @ w[...].astype(self.dtype)
+        y = project("...i,io->...o", x, w, self.dtype)
         if self.loramoe is not None and name in self.loramoe:
             y = y + self.loramoe[name](x, example_type_B)
         return y

@@ -14,24 +14,31 @@ Targets are chosen by a regular expression over parameter paths (``layers/3/attn
 attention/MLP projection (the paper adapted ``q``/``v`` only: ``r"attn/(q|v)$"``).
 
 In the trainer (``config.sparsity = sparsity.config("lora", rank=..., ...)``) the parameters are
-``{"base": model weights, "lora": {path: {"a", "b"}}}``; the step merges them before the forward
-pass (``materialize``) with the base under ``stop_gradient``, and the optimizer (clip + AdamW) keeps
-moments for the adapters only. :func:`merge` gives plain model weights and :func:`save_hf` writes
-them as a Hugging Face safetensors checkpoint. Known limitation: the merge rounds to the base
-weights' dtype, so on bfloat16 base weights adapter updates below their rounding step are lost in
-the forward pass (a warning says so); use float32 base weights for exact adapters.
+``{"base": model weights, "lora": {path: {"a", "b"}}}`` and the optimizer (clip + AdamW) keeps
+moments for the adapters only. The step's forward pass does not merge: :func:`attach` puts a
+:class:`~curriculax.models.layers.LowRank` ``(W, A, B)`` in each adapted projection (base under
+``stop_gradient``) and the layer computes ``x @ W + scale · (x @ A) @ B``, the adapter term in
+float32, so updates far below a bfloat16 ``W``'s rounding step still reach the output (a merged
+``W + scale · A @ B`` rounded to bfloat16 drops every entry below ``~|W| / 256``). Targets the
+layers do not read as projections (embedding, LM head) are merged. :func:`merge` gives plain model
+weights (``exp.model_params``, soups) and :func:`save_hf` writes them as a Hugging Face
+safetensors checkpoint; merging to bfloat16 there rounds as any bfloat16 export does.
 """
 
 from __future__ import annotations
 
-import logging
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from curriculax.models.layers import LowRank
 from curriculax.sparsity import base
+
+# the weights the model's layers read through `layers.project` (the others are merged)
+_PROJECTION = re.compile(r"layers/\d+/(attn/[qkvo]|mlp/(gate|up|down))$")
 
 
 def default_config() -> dict:
@@ -62,15 +69,29 @@ def init(abstract_params, key, *, rank: int, pattern: str, dtype=jnp.float32) ->
     return out
 
 
+def _merged(w, ad, scale: float):
+    delta = (ad["a"].astype(jnp.float32) @ ad["b"].astype(jnp.float32)) * scale
+    return (w.astype(jnp.float32) + delta.reshape(w.shape)).astype(w.dtype)
+
+
 def merge(params, adapters, *, scale: float):
     """``params`` with ``W + scale · A @ B`` on every adapted weight (same dtypes)."""
     def one(path, w):
         name = base.path_str(path)
+        return _merged(w, adapters[name], scale) if name in adapters else w
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def attach(params, adapters, *, scale: float):
+    """``params`` with a :class:`~curriculax.models.layers.LowRank` ``(W, A, B, scale)`` in every
+    adapted projection (the model applies it unmerged) and the other adapted weights merged."""
+    def one(path, w):
+        name = base.path_str(path)
         if name not in adapters:
             return w
-        ad = adapters[name]
-        delta = (ad["a"].astype(jnp.float32) @ ad["b"].astype(jnp.float32)) * scale
-        return (w.astype(jnp.float32) + delta.reshape(w.shape)).astype(w.dtype)
+        if _PROJECTION.search(name):
+            return LowRank(w, adapters[name]["a"], adapters[name]["b"], scale)
+        return _merged(w, adapters[name], scale)
     return jax.tree_util.tree_map_with_path(one, params)
 
 
@@ -79,8 +100,13 @@ def scale_of(cfg) -> float:
 
 
 def materialize(params, cfg):
-    """Model weights from the trainer's ``{"base", "lora"}`` params (base frozen)."""
+    """Plain model weights from the trainer's ``{"base", "lora"}`` params (base frozen)."""
     return merge(jax.lax.stop_gradient(params["base"]), params["lora"], scale=scale_of(cfg))
+
+
+def forward_params(params, cfg):
+    """The step's model parameters: the frozen base with its adapters :func:`attach` -ed."""
+    return attach(jax.lax.stop_gradient(params["base"]), params["lora"], scale=scale_of(cfg))
 
 
 def save_hf(model_config, params, adapters, path, *, scale: float, **save_kw):
@@ -108,14 +134,6 @@ def build(config, abstract_params) -> base.Sparsity:
     cfg = base.method_config(config)
     key = jax.random.PRNGKey(cfg.seed)
     shapes = targets(abstract_params, cfg.targets)
-    low = sorted({str(p.dtype) for path, p in jax.tree_util.tree_leaves_with_path(abstract_params)
-                  if base.path_str(path) in shapes and jnp.dtype(p.dtype).itemsize < 4})
-    if low:  # the merged W + s A @ B is rounded to W's dtype for the forward pass
-        logging.getLogger(__name__).warning(
-            "LoRA on %s base weights: each step merges s * A @ B into W and rounds to %s, so "
-            "adapter updates below W's rounding step (~|W| / 256 in bfloat16) are lost in the "
-            "forward pass. Load the base in float32 for exact adapters (a separate x @ A @ B "
-            "path is not implemented).", "/".join(low), "/".join(low))
     wrapped = {"base": abstract_params,
                "lora": {name: {"a": jax.ShapeDtypeStruct((m, cfg.rank), jnp.float32),
                                "b": jax.ShapeDtypeStruct((cfg.rank, n), jnp.float32)}
@@ -164,6 +182,7 @@ def build(config, abstract_params) -> base.Sparsity:
 
     return base.Sparsity(optimizer=with_masks(optimizer), init_params=init_params,
                          materialize=lambda params: materialize(params, cfg),
+                         forward_params=lambda params: forward_params(params, cfg),
                          param_shardings=param_shardings,
                          opt_state_shardings=opt_state_shardings)
 

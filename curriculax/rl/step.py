@@ -25,6 +25,7 @@ from curriculax import objectives
 from curriculax.curriculum.base import Feedback
 from curriculax.rl import base, grpo
 from curriculax.rl.rollout import left_pad_prompts, rollout, sequences
+from curriculax.sparsity import base as sparsity_lib
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,7 @@ def make_rl_step(*, graphdef, curriculum, optimizer, lr_schedule, config, host_r
     temperature = float(rl.temperature)
     head = head_options(config, mesh, rules)
     kl_coef = float(rl.kl_coef)
-    to_model = (lambda p: p) if sparsity is None or sparsity.materialize is None else (
-        sparsity.materialize)
+    to_model = sparsity_lib.forward_fn(sparsity)  # LoRA: the frozen base with its adapters
     refresh = None if sparsity is None else sparsity.refresh
     reward_shape = jax.ShapeDtypeStruct((num_responses,), jnp.float32)
 

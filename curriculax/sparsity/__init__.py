@@ -12,9 +12,10 @@ See :mod:`curriculax.sparsity.base` for the protocol.
 """
 
 from curriculax.sparsity import base
-from curriculax.sparsity.base import Sparsity, build, config, get, method_config, names, register
+from curriculax.sparsity.base import (Sparsity, build, config, forward_fn, get, method_config, names,
+                                      register)
 from curriculax.sparsity import graft, hft, lift, locft, lottery, select  # noqa: E402  (registering)
 from curriculax.peft import lora as _lora  # noqa: E402,F401  (registers lora, loramoe, prefix)
 
-__all__ = ["Sparsity", "base", "build", "config", "get", "graft", "hft", "lift", "locft",
+__all__ = ["Sparsity", "base", "build", "config", "forward_fn", "get", "graft", "hft", "lift", "locft",
            "lottery", "method_config", "names", "register", "select"]

@@ -16,7 +16,10 @@ parameters' shapes. The returned :class:`Sparsity` bundles pure functions the tr
   training (LIFT, HFT rounds, LT-SFT's phase switch) recompute them here under ``lax.cond``;
 - ``mask_shardings`` / ``opt_state_shardings``: how the state is laid out on the mesh;
 - ``init_params`` / ``materialize`` / ``param_shardings``: for re-parameterizations (LoRA) whose
-  trained pytree is not the model's weights; the step runs the model on ``materialize(params)``.
+  trained pytree is not the model's weights; ``materialize(params)`` gives plain model weights
+  (export, soups) and the step runs the model on ``forward_params(params)`` when a method sets it
+  (LoRA: :class:`~curriculax.models.layers.LowRank` projections, adapters unmerged), else on
+  ``materialize(params)`` (:func:`forward_fn`).
 
 A method that needs modules in the model itself (LoRAMoE experts, prefix keys/values) registers
 ``model_overrides(method_config) -> {ModelConfig field: value}``; :func:`model_overrides` applies
@@ -47,8 +50,17 @@ class Sparsity(NamedTuple):
     opt_state_shardings: Callable | None = None  # (abstract_opt, param_shardings, replicated)
     # Re-parameterizations (LoRA): the trained pytree differs from the model's weights.
     init_params: Callable | None = None  # (model params, rng) -> trained params
-    materialize: Callable | None = None  # trained params -> model params (inside the step)
+    materialize: Callable | None = None  # trained params -> plain model weights
+    forward_params: Callable | None = None  # trained params -> what the step's model runs on
     param_shardings: Callable | None = None  # (model param shardings, replicated) -> shardings
+
+
+def forward_fn(sparsity: Sparsity | None) -> Callable:
+    """``trained params -> model params`` for the forward pass (the identity without a
+    re-parameterization)."""
+    if sparsity is None:
+        return lambda params: params
+    return sparsity.forward_params or sparsity.materialize or (lambda params: params)
 
 
 Builder = Callable[[Any, Any], Sparsity]

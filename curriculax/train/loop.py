@@ -47,7 +47,7 @@ def _preemption_flag(handler: bool = True):
 
 
 def evaluate(exp: setup.Experiment, params) -> dict[str, float]:
-    model = nnx.merge(exp.graphdef, exp.model_params(params))
+    model = nnx.merge(exp.graphdef, exp.forward_params(params))
     e = exp.config.eval
     out = eval_lib.evaluate(model, exp.eval_data, exp.tokenizer, batch_size=e.batch_size,
                             max_new_tokens=e.max_new_tokens, judge=_judge(e.get("reward", "")))

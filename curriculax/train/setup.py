@@ -95,10 +95,14 @@ class Experiment:
         return jax.jit(init, out_shardings=self.state_shardings)(rng, init_params)
 
     def model_params(self, params):
-        """The model's weights from the trained ``params`` (merges LoRA adapters)."""
+        """The model's plain weights from the trained ``params`` (merges LoRA adapters)."""
         if self.sparsity is None or self.sparsity.materialize is None:
             return params
         return self.sparsity.materialize(params)
+
+    def forward_params(self, params):
+        """What the train step's model runs on (LoRA adapters applied unmerged)."""
+        return sparsity_lib.forward_fn(self.sparsity)(params)
 
     @property
     def trainer(self) -> trainers.Trainer:

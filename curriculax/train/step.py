@@ -23,6 +23,7 @@ from curriculax import objectives, transforms
 from curriculax.curriculum.base import Feedback
 from curriculax.models.layers import AuxLoss
 from curriculax.sharding import named_sharding
+from curriculax.sparsity import base as sparsity_lib
 from curriculax.train.state import TrainState
 
 
@@ -53,8 +54,7 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
     optimizer as ``masks=`` and its ``refresh`` may recompute masks after each update.
     """
     refresh = None if sparsity is None else sparsity.refresh
-    to_model = (lambda p: p) if sparsity is None or sparsity.materialize is None else (
-        sparsity.materialize)  # LoRA: adapters merged into the frozen base
+    to_model = sparsity_lib.forward_fn(sparsity)  # LoRA: the frozen base with its adapters
     batch_size, accum = config.batch_size, config.grad_accum
     mode = config.objective.normalization
     impl = config.objective.impl
