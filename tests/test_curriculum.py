@@ -687,3 +687,26 @@ def test_designer_category_embeddings_from_a_model():
     assert emb.shape == (3, 32) and np.all(count == 4) and np.all(np.isfinite(loss))
     conf, ranking, sim = designer.design(model, data, max_per_category=4)
     assert sim.shape == (3, 3) and len(conf.stages) == 3 and len(ranking) == 6
+
+
+# categorical_rows -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block", [8, 4096])
+def test_categorical_rows_frequencies_and_zero_weights(block):
+    w = jnp.asarray(np.random.default_rng(0).uniform(0.5, 2.0, 29)).at[jnp.array([3, 10, 28])].set(0.0)
+    idx = jax.jit(lambda r: sampling.categorical_rows(r, w, 200_000, block=block))(jax.random.PRNGKey(1))
+    counts = np.bincount(np.asarray(idx), minlength=29)
+    assert counts[[3, 10, 28]].sum() == 0  # 28: the last row, where u * total may round up
+    expect = 200_000 * np.asarray(w) / float(w.sum())
+    keep = expect > 0
+    assert np.sum((counts[keep] - expect[keep]) ** 2 / expect[keep]) < 60  # chi2, 25 dof: p ~ 1e-4
+
+
+def test_categorical_rows_gives_rows_past_2_pow_24_their_share():
+    # A one-level float32 cumsum of ones is rounded to even numbers past 2^24: half the rows
+    # there get an empty interval (in a pattern of period 4), the others a double one.
+    e = 2 ** 24 + 2 ** 20
+    idx = np.asarray(sampling.categorical_rows(jax.random.PRNGKey(0), jnp.ones(e), 4096))
+    late = idx[idx >= 2 ** 24]
+    assert 150 < late.size < 350 and idx.max() < e  # expected 4096 / 17 = 241
+    assert np.bincount(late % 4, minlength=4).min() > 20
