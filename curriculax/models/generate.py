@@ -25,7 +25,9 @@ class Generation:
 
 
 def top_p_filter(logits_BxV, top_p: float):
-    """Keeps the smallest set of tokens whose probability mass reaches ``top_p``."""
+    """Keeps the smallest set of tokens whose probability mass reaches ``top_p``, plus every
+    token tied with the last one kept (HF's warper breaks such ties by sort position instead;
+    keeping them all does not depend on the token ids' order)."""
     sorted_desc = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
     probs = jax.nn.softmax(sorted_desc, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
