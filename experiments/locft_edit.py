@@ -76,7 +76,7 @@ def run(cfg, params, compiled=None, bank_difficulty=None):
     """``cfg.steps`` steps from ``params``; ``compiled`` (a dict) caches the jitted steps per
     method, so that seeds (same shapes, other data and starting weights) compile once."""
     exp = build(cfg)
-    exp._init_params = params
+    exp.load_init_params = lambda: params
     if bank_difficulty is not None:  # depth-first: row i is "stage i" of a staged ordering
         exp.bank = exp.bank.replace(difficulty=jax.device_put(
             np.asarray(bank_difficulty, np.int32), exp.bank_shardings.difficulty))

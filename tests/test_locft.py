@@ -135,7 +135,7 @@ def test_fact_records_and_source():
 
 def _run(cfg, params):
     exp = build(cfg)
-    exp._init_params = params
+    exp.load_init_params = lambda: params
     step = jit_steps(exp.train_step(), cfg.steps, exp.state_shardings, exp.bank_shardings)
     state, m = step(exp.init_state(), exp.bank)
     return exp, state, np.asarray(m["loss"])

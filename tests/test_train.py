@@ -157,7 +157,8 @@ def test_cli_rejects_unknown_config_key(tmp_path):
 
 
 def test_sigterm_checkpoints_and_resumes(tmp_path):
-    flags = _flags({**TINY_FLAGS, "steps": 400, "eval_every": 400, "checkpoint_every": 400})
+    # far more steps than run before the signal lands (400 once finished first on a fast machine)
+    flags = _flags({**TINY_FLAGS, "steps": 5000, "eval_every": 5000, "checkpoint_every": 5000})
     proc = _cli("train", "--config=configs/quickstart.py", f"--workdir={tmp_path}", *flags,
                 "--config.plots=False")
     deadline = time.time() + 240
@@ -168,7 +169,7 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     assert proc.returncode == 0, out
     mngr = checkpoint.manager(tmp_path, async_save=False)
     saved = mngr.latest_step()
-    assert saved is not None and 0 < saved < 400
+    assert saved is not None and 0 < saved < 5000
 
 
 def test_preemption_on_a_checkpoint_step_and_misaligned_resume(tmp_path, monkeypatch):
@@ -253,3 +254,31 @@ def test_metrics_after_the_resumed_checkpoint_are_not_duplicated(tmp_path):
     writer.write(4, {"loss": 0.5})
     writer.close()
     assert [(r["step"], r["loss"]) for r in metrics.read(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 0.5)]
+
+
+def test_hf_path_weights_are_loaded_into_their_shardings_at_init_not_kept(tmp_path):
+    from flax import nnx
+
+    from curriculax.models import Transformer, hf, load_hf
+
+    eight = {"mesh.num_devices": 8, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+    model_config = build(tiny_config()).model_config
+    hf.save_hf(Transformer(model_config, rngs=nnx.Rngs(7)), model_config, tmp_path / "hf",
+               max_shard_size=20_000)  # several shards: the index path
+    exp = build(tiny_config(**eight, **{"model.hf_path": str(tmp_path / "hf")}))
+    embed = exp.abstract_state.params["embed"].shape
+    assert not [x for v in vars(exp).values() for x in jax.tree.leaves(v)
+                if isinstance(x, jax.Array) and x.shape == embed]  # no resident copy of the weights
+    loaded = exp.load_init_params()  # straight into the shards, not first onto one device
+    assert loaded["layers"][0]["mlp"]["up"].sharding == exp.state_shardings.params["layers"][0]["mlp"]["up"]
+    state = exp.init_state()
+    want = nnx.to_pure_dict(nnx.state(load_hf(tmp_path / "hf")[0], nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, state.params, want)
+    jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(str(s)),
+                 state.params, exp.state_shardings.params)
+    assert exp.state_shardings.params["layers"][0]["mlp"]["up"].spec != (None, None)  # sharded
+    # a checkpoint that does not fit the model fails in build, naming the tensors
+    (tmp_path / "hf" / "config.json").write_text(
+        (tmp_path / "hf" / "config.json").read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
+    with pytest.raises(hf.CheckpointError, match="missing tensor"):
+        build(tiny_config(**{"model.hf_path": str(tmp_path / "hf")}))

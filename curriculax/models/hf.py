@@ -42,6 +42,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -256,11 +257,10 @@ def state_to_hf(model, params: Mapping | None = None) -> dict[str, np.ndarray]:
             for ours, hf, kind in param_map(model.config)}
 
 
-def hf_to_state(tensors: Mapping, config: ModelConfig) -> dict[str, np.ndarray]:
-    """Flat ``{our path: array}`` (cast to ``config.param_dtype``) from HF-named ``tensors``.
-
-    Everything is checked before any data is converted; all problems are raised together.
-    """
+def check_tensors(tensors: Mapping, config: ModelConfig) -> list[tuple[str, str, str]]:
+    """The ``(our path, HF name, kind)`` table of ``config`` after checking that ``tensors``
+    (names and shapes only) match it; all problems are raised together as one
+    :class:`CheckpointError`."""
     shapes = tensors.shapes() if isinstance(tensors, _Checkpoint) else {
         k: tuple(np.shape(v)) for k, v in tensors.items()}
     ours = _param_shapes(config)
@@ -283,7 +283,16 @@ def hf_to_state(tensors: Mapping, config: ModelConfig) -> dict[str, np.ndarray]:
     if problems:
         raise CheckpointError("Checkpoint does not match the model config:\n  "
                               + "\n  ".join(problems))
-    dtype = jnp.dtype(config.param_dtype)
+    return table
+
+
+def hf_to_state(tensors: Mapping, config: ModelConfig) -> dict[str, np.ndarray]:
+    """Flat ``{our path: array}`` (cast to ``config.param_dtype``) from HF-named ``tensors``.
+
+    Everything is checked before any data is converted (:func:`check_tensors`).
+    """
+    table = check_tensors(tensors, config)
+    ours, dtype = _param_shapes(config), jnp.dtype(config.param_dtype)
     return {path: _from_hf(kind, np.asarray(tensors[hf]), ours[path]).astype(dtype)
             for path, hf, kind in table}
 
@@ -344,6 +353,50 @@ def _header(file: Path) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
+def read_config(path, *, dtype=None, param_dtype=None) -> ModelConfig:
+    """The :class:`ModelConfig` of a local HF checkpoint directory (its ``config.json``);
+    ``dtype`` (compute) and ``param_dtype`` (storage) default to the checkpoint's ``dtype``."""
+    config = config_from_hf(json.loads((Path(path) / "config.json").read_text()))
+    return config.replace(dtype=_dtype_name(jnp.dtype(dtype).name) if dtype else config.dtype,
+                          param_dtype=_dtype_name(jnp.dtype(param_dtype).name) if param_dtype
+                          else config.param_dtype)
+
+
+def check_hf(path, config: ModelConfig) -> None:
+    """Raises :class:`CheckpointError` unless the checkpoint's tensors (read from the safetensors
+    headers only) fit ``config``."""
+    check_tensors(_Checkpoint(Path(path)), config)
+
+
+def load_hf_params(path, config: ModelConfig, shardings=None) -> dict:
+    """The checkpoint's weights as the model's pure-dict parameters.
+
+    ``shardings``: ``NamedSharding`` per parameter (a pure dict of the same paths, or of a model
+    with more parameters, e.g. adapters); each tensor is converted on the host and sent straight
+    to its shards (``jax.make_array_from_callback``: every process fills its own devices), one
+    tensor at a time, so the full model never sits on one device. None: default device."""
+    tensors = _Checkpoint(Path(path))
+    table = check_tensors(tensors, config)
+    ours, dtype = _param_shapes(config), jnp.dtype(config.param_dtype)
+    where = {} if shardings is None else {
+        _path(kp): s for kp, s in jax.tree_util.tree_leaves_with_path(shardings)}
+
+    def place(path, hf, kind):
+        x = _from_hf(kind, np.asarray(tensors[hf]), ours[path]).astype(dtype)
+        if path not in where:
+            return jnp.asarray(x)
+        return jax.make_array_from_callback(x.shape, where[path], lambda index: x[index])
+
+    flat = {path: place(path, hf, kind) for path, hf, kind in table}
+    abstract = nnx.to_pure_dict(nnx.state(_abstract_model(config), nnx.Param))
+    return jax.tree_util.tree_map_with_path(lambda kp, _: flat[_path(kp)], abstract)
+
+
+def _path(key_path) -> str:
+    """``layers/0/attn/q`` from a pure-dict key path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
+
+
 def load_hf(path, *, dtype=None, param_dtype=None):
     """Loads a local HF checkpoint directory into ``(Transformer, ModelConfig)``.
 
@@ -353,10 +406,7 @@ def load_hf(path, *, dtype=None, param_dtype=None):
     ``ValueError`` (unsupported architecture or config feature) before any weight is converted.
     """
     path = Path(path)
-    config = config_from_hf(json.loads((path / "config.json").read_text()))
-    config = config.replace(dtype=_dtype_name(jnp.dtype(dtype).name) if dtype else config.dtype,
-                            param_dtype=_dtype_name(jnp.dtype(param_dtype).name) if param_dtype
-                            else config.param_dtype)
+    config = read_config(path, dtype=dtype, param_dtype=param_dtype)
     params = hf_to_state(_Checkpoint(path), config)
     model = _abstract_model(config)
     for p, var in nnx.iter_graph(model):

@@ -57,18 +57,31 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, shardings, step: int | 
     return out.state, out.info
 
 
-def load_params(workdir, abstract_params, shardings, step: int | None = None):
-    """Only the ``params`` of another run's checkpoint (``config.model.init_from``), e.g. an SFT
-    warm-up that an RL run continues from; its optimizer and curriculum state are not read."""
+def latest_step(workdir) -> int:
+    """The newest checkpoint step of another run (``config.model.init_from``); a clear
+    ``FileNotFoundError`` when there is none."""
+    mngr = _init_from_manager(workdir)
+    step = mngr.latest_step()
+    mngr.close()
+    if step is None:
+        raise FileNotFoundError(f"config.model.init_from={str(workdir)!r}: no checkpoint saved yet.")
+    return step
+
+
+def _init_from_manager(workdir) -> ocp.CheckpointManager:
     root = epath.Path(str(workdir)) if is_remote(workdir) else epath.Path(
         pathlib.Path(workdir).resolve())
     if not (root / "checkpoints").exists():
         raise FileNotFoundError(f"config.model.init_from={str(workdir)!r} has no checkpoints/ "
                                 f"folder: point it at the workdir of a finished run.")
-    mngr = ocp.CheckpointManager(root / "checkpoints")
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"config.model.init_from={str(workdir)!r}: no checkpoint saved yet.")
+    return ocp.CheckpointManager(root / "checkpoints")
+
+
+def load_params(workdir, abstract_params, shardings, step: int | None = None):
+    """Only the ``params`` of another run's checkpoint (``config.model.init_from``), e.g. an SFT
+    warm-up that an RL run continues from; its optimizer and curriculum state are not read."""
+    step = latest_step(workdir) if step is None else step
+    mngr = _init_from_manager(workdir)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract_params, shardings)
     restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)

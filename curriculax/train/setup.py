@@ -8,9 +8,10 @@ buffer directly where it belongs.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import logging
-from typing import Any
+import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,9 @@ class Experiment:
     bank_shardings: Bank
     pools: Any = None  # grain.MapDataset of pools (data.pool_size > 0)
     stream_shardings: Bank | None = None
-    _init_params: Any = None
+    # () -> the starting weights (config.model.hf_path / init_from), read at every init_state and
+    # placed in their shardings; nothing of them stays on the devices after it
+    load_init_params: Callable[[], Any] | None = None
     sparsity: sparsity_lib.Sparsity | None = None  # parameter selection (config.sparsity)
 
     def data_for(self, step: int, count: int):
@@ -74,7 +77,7 @@ class Experiment:
         """A fresh state, created directly in its sharded layout."""
         cfg = self.config
         meta = self.bank.meta()
-        init_params = self._init_params
+        init_params = None if self.load_init_params is None else self.load_init_params()
 
         def init(rng, params_in):
             params = params_in if params_in is not None else _random_params(
@@ -157,12 +160,15 @@ def build(cfg) -> Experiment:
                                   category_names=_merged_categories(
                                       eval_records, host_bank.meta().category_names))
 
-    init_params = None
     if cfg.model.hf_path:
         from curriculax.models import hf
 
-        model, model_config = hf.load_hf(cfg.model.hf_path)
-        init_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        if cfg.model.get("init_from"):
+            raise ValueError("config.model.init_from and config.model.hf_path are both set: "
+                             "choose one starting point.")
+        model_config = hf.read_config(cfg.model.hf_path)
+        hf.check_hf(cfg.model.hf_path, model_config)  # a mismatched checkpoint fails here
+        hf_config = model_config  # without the adapters model_overrides may add below
     else:
         model_config = config_lib.model_config(cfg)
     # Methods that add modules to the model (LoRAMoE, prefix tuning) switch them on here.
@@ -210,21 +216,22 @@ def build(cfg) -> Experiment:
 
     exp = Experiment(cfg, mesh, rules, tokenizer, train_data, eval_data, bank, model_config,
                      graphdef, optimizer, lr_schedule, curriculum, objective, None, None,
-                     bank_shardings, pools, stream_shardings, init_params, sparsity)
+                     bank_shardings, pools, stream_shardings, None, sparsity)
     abstract = jax.eval_shape(
         lambda: _abstract_state(exp, abstract_params_state))
     exp.abstract_state = abstract
     exp.state_shardings = _state_shardings(abstract, param_axes, mesh, rules, optimizer,
                                            example_sharding, num_rows, sparsity,
                                            nnx.to_pure_dict(abstract_params_state))
-    if cfg.model.get("init_from"):
-        if cfg.model.hf_path:
-            raise ValueError("config.model.init_from and config.model.hf_path are both set: "
-                             "choose one starting point.")
-        model_params = nnx.to_pure_dict(abstract_params_state)
-        exp._init_params = checkpoint.load_params(
-            cfg.model.init_from, model_params,
-            sharding.tree_shardings(model_params, param_axes, mesh, rules))
+    model_params = nnx.to_pure_dict(abstract_params_state)
+    param_shardings = sharding.tree_shardings(model_params, param_axes, mesh, rules)
+    if cfg.model.hf_path:
+        exp.load_init_params = functools.partial(hf.load_hf_params, cfg.model.hf_path, hf_config,
+                                                 param_shardings)
+    elif cfg.model.get("init_from"):
+        checkpoint.latest_step(cfg.model.init_from)  # a missing run fails here, not at init_state
+        exp.load_init_params = functools.partial(checkpoint.load_params, cfg.model.init_from,
+                                                 model_params, param_shardings)
     return exp
 
 
