@@ -13,6 +13,7 @@ def get_config():
     c.steps = 2000
     c.batch_size = 64
     c.grad_accum = 4
+    c.model.dtype = "bfloat16"  # compute; the weights the optimizer updates stay float32
     c.model.hf_path = ""  # required
     c.data.source = "gsm8k"
     c.data.tokenizer = ""  # required: the model's tokenizer directory

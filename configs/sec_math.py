@@ -24,6 +24,7 @@ def get_config(curriculum: str = "sec"):
     c.trainer = "rl"
     c.steps = 200
     c.batch_size = 16  # prompts per step
+    c.model.dtype = "bfloat16"  # compute; the weights the optimizer updates stay float32
     c.model.hf_path = ""
     c.data.source = "math"
     c.data.tokenizer = ""

@@ -262,7 +262,7 @@ def test_hf_path_weights_are_loaded_into_their_shardings_at_init_not_kept(tmp_pa
     from curriculax.models import Transformer, hf, load_hf
 
     eight = {"mesh.num_devices": 8, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
-    model_config = build(tiny_config()).model_config
+    model_config = build(tiny_config()).model_config.replace(dtype="bfloat16", param_dtype="bfloat16")
     hf.save_hf(Transformer(model_config, rngs=nnx.Rngs(7)), model_config, tmp_path / "hf",
                max_shard_size=20_000)  # several shards: the index path
     exp = build(tiny_config(**eight, **{"model.hf_path": str(tmp_path / "hf")}))
@@ -272,8 +272,13 @@ def test_hf_path_weights_are_loaded_into_their_shardings_at_init_not_kept(tmp_pa
     loaded = exp.load_init_params()  # straight into the shards, not first onto one device
     assert loaded["layers"][0]["mlp"]["up"].sharding == exp.state_shardings.params["layers"][0]["mlp"]["up"]
     state = exp.init_state()
+    # a bfloat16 checkpoint trains as float32 weights (config.model.param_dtype) computing in
+    # config.model.dtype
+    assert exp.model_config.param_dtype == exp.model_config.dtype == "float32"
     want = nnx.to_pure_dict(nnx.state(load_hf(tmp_path / "hf")[0], nnx.Param))
-    jax.tree.map(np.testing.assert_array_equal, state.params, want)
+    assert {x.dtype for x in jax.tree.leaves(want)} == {jnp.dtype(jnp.bfloat16)}
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, np.asarray(y, np.float32)) or
+                 (x.dtype == jnp.float32 or pytest.fail(str(x.dtype))), state.params, want)
     jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(str(s)),
                  state.params, exp.state_shardings.params)
     assert exp.state_shardings.params["layers"][0]["mlp"]["up"].spec != (None, None)  # sharded

@@ -30,7 +30,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.grad_accum = 1  # micro-batches per step (batch_size must divide evenly)
     c.steps_per_dispatch = 1  # train steps fused into one jitted lax.scan
 
-    # Model: `hf_path` loads a Hugging Face checkpoint; otherwise the fields below build one.
+    # Model: `hf_path` loads a Hugging Face checkpoint; otherwise the fields below build one. With
+    # `hf_path` the architecture comes from its config.json and only `dtype` (compute) and
+    # `param_dtype` (the stored weights the optimizer updates; float32 keeps AdamW's small updates
+    # that bfloat16 weights would round away) are read from here.
     c.model = ml_collections.ConfigDict(model_fields(ModelConfig.tiny()))
     c.model.hf_path = ""
     c.model.init_from = ""  # workdir of an earlier run: start from its latest params (RL after SFT)

@@ -166,7 +166,10 @@ def build(cfg) -> Experiment:
         if cfg.model.get("init_from"):
             raise ValueError("config.model.init_from and config.model.hf_path are both set: "
                              "choose one starting point.")
-        model_config = hf.read_config(cfg.model.hf_path)
+        # the architecture from its config.json; the dtypes from config.model (float32 stored
+        # weights by default: AdamW updates of ~lr are far below a bfloat16 weight's rounding)
+        model_config = hf.read_config(cfg.model.hf_path, dtype=cfg.model.dtype,
+                                      param_dtype=cfg.model.param_dtype)
         hf.check_hf(cfg.model.hf_path, model_config)  # a mismatched checkpoint fails here
         hf_config = model_config  # without the adapters model_overrides may add below
     else:
