@@ -43,7 +43,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from curriculax.objectives.base import Objective, register
 
@@ -88,30 +87,15 @@ def _random_segmentation(num_items, num_segments, rng, size: int):
     return seg, lengths
 
 
-def span_counts(size: int, corruption_rate: float, mean_span: float):
-    """T5's ``(num_noise, num_spans)`` for every document length ``0..size`` (int32 ``[size + 1]``
-    each), computed in float64 as T5 does: in float32, ``n r`` lands on the other side of a
-    ``.5`` for some lengths (``30 * 0.15`` is 4.5 -> 4 in float64, 4.5000002 -> 5 in float32)."""
-    n = np.arange(size + 1)
-    num_noise = np.clip(np.round(n * float(corruption_rate)), 1, np.maximum(n - 1, 1)).astype(np.int32)
-    num_spans = np.maximum(1, np.round(num_noise / max(float(mean_span), 1e-6))).astype(np.int32)
-    num_spans = np.clip(num_spans, 1, np.maximum(np.minimum(num_noise, n - num_noise), 1))
-    return num_noise, num_spans.astype(np.int32)
-
-
-def random_spans_noise_mask(n, rng, *, corruption_rate=None, mean_span=None, size: int,
-                            counts=None):
+def random_spans_noise_mask(n, rng, *, corruption_rate, mean_span, size: int):
     """T5 span corruption over the first ``n`` of ``size`` positions (``n`` may be traced).
 
-    The span counts come from :func:`span_counts` of ``corruption_rate`` / ``mean_span`` (Python
-    numbers) or, traced, from ``counts = (num_noise, num_spans)``.
     Returns ``(noise [size] bool, span_id [size] int32 (-1 outside noise), num_noise, num_spans)``.
     """
     n = jnp.asarray(n, jnp.int32)
-    if counts is None:
-        tables = span_counts(size, corruption_rate, mean_span)
-        counts = tuple(jnp.asarray(t)[jnp.clip(n, 0, size)] for t in tables)
-    num_noise, num_spans = counts
+    num_noise = jnp.clip(jnp.round(n * corruption_rate).astype(jnp.int32), 1, jnp.maximum(n - 1, 1))
+    num_spans = jnp.maximum(1, jnp.round(num_noise / jnp.maximum(mean_span, 1e-6)).astype(jnp.int32))
+    num_spans = jnp.clip(num_spans, 1, jnp.maximum(jnp.minimum(num_noise, n - num_noise), 1))
     r1, r2 = jax.random.split(rng)
     _, noise_len = _random_segmentation(num_noise, num_spans, r1, size)
     _, clean_len = _random_segmentation(n - num_noise, num_spans, r2, size)
@@ -133,11 +117,11 @@ def _scatter(out, pos, values, keep):
     return out.at[jnp.where(keep, pos, out.shape[0])].set(values, mode="drop")
 
 
-def corrupt_row(seq, length, prefix_len, rng, *, kind, counts, mode_id, sentinels, pad_id):
+def corrupt_row(seq, length, prefix_len, rng, *, kind, mean_span, rate, mode_id, sentinels,
+                pad_id):
     """One row. ``seq [T+1]``: the full sequence, valid in ``[0, length]`` (``seq[length]`` is
-    the eos); ``counts``: the span counts of its document (:func:`span_counts`). Returns
-    ``(new_seq [T+1], target_mask [T+1])`` where ``target_mask[j]`` marks output tokens that are
-    prediction targets."""
+    the eos). Returns ``(new_seq [T+1], target_mask [T+1])`` where ``target_mask[j]`` marks
+    output tokens that are prediction targets."""
     size = seq.shape[0]
     i = jnp.arange(size)
     n = length - prefix_len  # document tokens seq[prefix_len:length]; eos stays out of it
@@ -149,7 +133,7 @@ def corrupt_row(seq, length, prefix_len, rng, *, kind, counts, mode_id, sentinel
 
     # R / X: span corruption with sentinels.
     noise, span_id, num_noise, num_spans = random_spans_noise_mask(
-        n, jax.random.fold_in(rng, 1), size=size, counts=counts)
+        n, jax.random.fold_in(rng, 1), corruption_rate=rate, mean_span=mean_span, size=size)
     first = noise & (jnp.roll(span_id, 1) != span_id)
     sentinel = sentinels[jnp.clip(span_id, 0, sentinels.shape[0] - 1)]
     keep_in = in_doc & (~noise | first)
@@ -206,11 +190,11 @@ def ul2_transform(batch, rng, ctx):
         sentinel_ids = (ctx.mask_id,)
     sentinels = jnp.asarray(sentinel_ids, batch.tokens.dtype)
     kinds = jnp.asarray([s[0] for s in specs], jnp.int32)
-    b, t = batch.tokens.shape
-    tables = [span_counts(t + 1, rate, mu) for _, mu, rate in specs]  # [D, T+2] each
-    noise_tab, spans_tab = (jnp.asarray(np.stack(col)) for col in zip(*tables))
+    spans = jnp.asarray([s[1] for s in specs], jnp.float32)
+    rates = jnp.asarray([s[2] for s in specs], jnp.float32)
     modes = jnp.asarray(mode_ids if mode_ids else (-1, -1, -1), jnp.int32)
 
+    b, t = batch.tokens.shape
     mask = batch.loss_mask.astype(bool)
     has_resp = mask.any(-1)
     length = t - jnp.argmax(mask[:, ::-1], axis=-1)  # last loss position + 1
@@ -223,14 +207,12 @@ def ul2_transform(batch, rng, ctx):
     idx = jax.random.categorical(r_choice, jnp.log(weights / weights.sum()), shape=(b,))
     kind = kinds[idx]
 
-    doc_len = jnp.maximum(length - prefix, 0)
-    counts = (noise_tab[idx, doc_len], spans_tab[idx, doc_len])
+    def one(s, l, p, k, mu, r, key):
+        return corrupt_row(s, l, p, key, kind=k, mean_span=mu, rate=r, mode_id=modes[k],
+                           sentinels=sentinels, pad_id=ctx.pad_id)
 
-    def one(s, l, p, k, c, key):
-        return corrupt_row(s, l, p, key, kind=k, counts=c, mode_id=modes[k], sentinels=sentinels,
-                           pad_id=ctx.pad_id)
-
-    new_seq, target = jax.vmap(one)(seq, length, prefix, kind, counts, jax.random.split(r_rows, b))
+    new_seq, target = jax.vmap(one)(seq, length, prefix, kind, spans[idx], rates[idx],
+                                    jax.random.split(r_rows, b))
     apply = (has_resp & (length - prefix >= 2)
              & (jax.random.uniform(r_apply, (b,)) < cfg.get("apply_prob", 1.0)))[:, None]
     return batch.replace(
