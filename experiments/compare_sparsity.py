@@ -156,7 +156,7 @@ def lift_density(args, cfg):
 
 def run(cfg, params, steps):
     exp = build(cfg)
-    exp._init_params = params
+    exp.load_init_params = lambda: params
     state = exp.init_state()
     fn = jit_steps(exp.train_step(), 1, exp.state_shardings, exp.bank_shardings)
     losses, times = [], []

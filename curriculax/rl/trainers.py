@@ -23,7 +23,7 @@ def _check(cfg):
 
 
 def _model_fn(exp):
-    return exp.model_params
+    return exp.forward_params  # LoRA unmerged, as in the RL step
 
 
 def prompt_width(exp) -> int:
