@@ -96,6 +96,21 @@ def test_sec_q_moves_toward_the_arm_with_larger_advantages():
     assert p[1] > 0.5 > p[0]
 
 
+def test_rl_step_with_remat_equals_without():
+    """Rollouts decode inside the jitted step; remat must not break them (it once raised
+    TraceContextError from the decode loop) nor change the update."""
+    cfg = rl_config(**{"rl.rewards": (("test_starts_with_digit", 1.0),), "steps": 1})
+    outs = []
+    for remat in (False, True):
+        cfg.model.remat = remat
+        _, state, hist = _run_steps(cfg, 1)
+        outs.append((jax.device_get(state.params), hist[0]))
+    (p0, m0), (p1, m1) = outs
+    assert m0["reward"] == m1["reward"] and m0["response_length"] == m1["response_length"]
+    np.testing.assert_allclose(m0["loss"], m1["loss"], rtol=1e-5, atol=1e-7)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p0, p1)
+
+
 def test_relift_buffer_worked_example():
     s = relift.init(6)
     s = relift.push(s, jnp.array([10, 11, 12, 13]), jnp.array([True, False, False, True]))

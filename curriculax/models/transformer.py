@@ -129,7 +129,9 @@ class Transformer(nnx.Module):
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], kv_seg, start)
-            apply = _apply_block_remat if cfg.remat else _apply_block
+            # Cached calls (decoding) are never differentiated, and nnx.remat cannot lift a
+            # model that a decode loop's lax.scan closes over (TraceContextError).
+            apply = _apply_block_remat if cfg.remat and cache is None else _apply_block
             x, layer_cache = apply(block, x, positions, segment_ids, q_index, layer_cache, types)
             if cache is not None:
                 new_k.append(layer_cache[0])
