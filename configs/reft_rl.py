@@ -13,6 +13,7 @@ from curriculax.train.config import sibling_config
 def get_config(setting: str = "tiny"):
     c = sibling_config(__file__, "reft_sft", setting)
     c.trainer = "rl"
+    c.grad_accum = 1  # gsm8k_sft.py's 4 is an SFT setting; the RL step has no accumulation
     c.rl.rewards = (("math_answer", 1.0),)
     c.rl.kl_coef = 0.01
     c.rl.group_size = 8

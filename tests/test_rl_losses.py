@@ -226,3 +226,35 @@ def test_nft_rft_clamp_and_registered_token_loss():
     out = jax.jit(lambda lp: policy.token_loss(lp, jnp.zeros_like(lp), sig, cfg))(
         jnp.asarray(lr, jnp.float32))
     np.testing.assert_allclose(out[:, 0], [0.111572, 0.111572], rtol=1e-5)
+
+
+def test_pair_bank_keeps_every_pair_with_repeated_ids():
+    """Several pairs may share a record id (one prompt, several preference pairs): every pair is
+    kept and each chosen response is paired with the rejected response of the same record."""
+    import ml_collections
+
+    from curriculax.data.bank import ExampleBank
+    from curriculax.data.tokenizer import ByteTokenizer
+    from curriculax.rl.preference import pair_bank
+
+    tok = ByteTokenizer()
+    rec = lambda i, p, c, r: dict(id=i, prompt=p, response=c, rejected=r, answer=c,  # noqa: E731
+                                  category="a", difficulty=1)
+    recs = [rec("q1", "2+2?", "4", "5"), rec("q1", "2+2?", "four", "22"),
+            rec("q2", "3+3?", "6", "7"), rec("q2", "5+5?", "10", "x" * 60)]
+    text = lambda row: tok.decode([int(t) for t in row if t != tok.pad_id])  # noqa: E731
+    for overflow, n_pairs in (("truncate", 4), ("drop", 3)):
+        cfg = ml_collections.ConfigDict(dict(data=dict(seq_len=24, template="plain",
+                                                       overflow=overflow)))
+        pairs, kept = pair_bank(ExampleBank.build(recs, tok, 24, overflow=overflow), tok, cfg)
+        assert pairs.chosen.tokens.shape[0] == n_pairs == len(kept.records)
+        for i, r in enumerate(kept.records):
+            assert text(pairs.chosen.tokens[i]).startswith(r["prompt"] + "\n" + r["response"][:1])
+            assert text(pairs.rejected.tokens[i]).startswith(r["prompt"] + "\n" + r["rejected"][:1])
+
+
+def test_nft_default_config_selects_the_repo_reduction_and_answer_tags_ignore_case():
+    from curriculax.rl import curr_reft
+
+    assert nft.default_config().aggregation == "seq_sum_norm"
+    assert curr_reft.judge_reward("<ANSWER>no</ANSWER> (I first thought yes)", {"answer": "no"}) == 1.0

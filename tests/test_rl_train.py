@@ -299,3 +299,26 @@ def test_s3ft_prepare_writes_targets_and_trains(tmp_path):
     out = train_loop(sft, tmp_path / "s3ft")
     assert out["step"] == 2 and "eval/accuracy" in out
     assert s3ft.prepare(cfg, tmp_path / "s3ft")[1] == counts  # reused, not regenerated
+
+
+@pytest.mark.parametrize("trainer", ["rl", "spin"])
+def test_rl_trainers_refuse_fields_they_ignore(trainer):
+    from curriculax.train import trainers
+
+    for over in ({"grad_accum": 2}, {"transforms": ("masked_thought",)}):
+        cfg = rl_config(**{"trainer": trainer, **over})
+        with pytest.raises(ValueError, match=next(iter(over))):
+            trainers.get(trainer).check(cfg)
+    trainers.get(trainer).check(rl_config(trainer=trainer))  # defaults pass
+
+
+def test_reft_rl_configs_pass_the_trainer_check():
+    import pathlib
+
+    from curriculax.train import trainers
+    from curriculax.train.config import sibling_config
+
+    for setting in ("tiny", "gsm8k"):
+        c = sibling_config(str(pathlib.Path(__file__).parents[1] / "configs" / "reft_rl.py"),
+                           "reft_rl", setting)
+        trainers.get("rl").check(c)

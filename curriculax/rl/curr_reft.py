@@ -76,7 +76,7 @@ STAGE_DEFAULTS: dict[str, dict[str, int]] = {
 RL_DEFAULTS: dict[str, float] = dict(beta=0.04, learning_rate=1e-6, max_completion_length=256,
                                      temperature=1.0, advantage_eps=1e-4)
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _YES = re.compile(r"\b(?:yes|true|correct)\b")
 _NO = re.compile(r"\b(?:no|false|incorrect)\b")
 _LETTER = re.compile(r"\b[A-E]\b")

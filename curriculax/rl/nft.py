@@ -50,7 +50,8 @@ from curriculax.rl.base import PolicyLoss, register
 
 def default_config() -> ml_collections.ConfigDict:
     """Fields of ``config.rl`` that select and tune NFT (merge with ``c.rl.update``)."""
-    return ml_collections.ConfigDict(dict(loss="nft", nft_eps_neg=1.0, nft_neg_weight=1.0,
+    return ml_collections.ConfigDict(dict(loss="nft", aggregation="seq_sum_norm", nft_eps_neg=1.0,
+                                          nft_neg_weight=1.0,
                                           nft_max_log_ratio=10.0, nft_r_min=0.02, nft_r_max=0.98))
 
 

@@ -51,12 +51,15 @@ def pair_bank(train_data: ExampleBank, tokenizer, cfg) -> tuple[PairBank, Exampl
                          f"training record; {len(missing)} lack one (first: {missing[0]!r}). "
                          f"Add it to the data file (JSONL: prompt, response, rejected, ...).")
     d = cfg.data
-    rejected = ExampleBank.build([{**r, "response": r["rejected"]} for r in train_data.records],
+    # Pairs are matched by the chosen row's position, not by record id: ids need not be unique
+    # (several preference pairs per prompt id), and matching by id would silently drop pairs or,
+    # when one side overflows, pair a chosen response with another record's rejected one.
+    rejected = ExampleBank.build([{**r, "response": r["rejected"], "id": str(n)}
+                                  for n, r in enumerate(train_data.records)],
                                  tokenizer, d.seq_len, template=d.template, overflow=d.overflow,
                                  category_names=train_data.info.category_names)
-    keep = sorted(set(train_data.ids) & set(rejected.ids))
-    pos = {i: n for n, i in enumerate(train_data.ids)}
-    pos_rej = {i: n for n, i in enumerate(rejected.ids)}
+    pos_rej = {int(i): n for n, i in enumerate(rejected.ids)}  # chosen row -> rejected row
+    chosen_rows = sorted(pos_rej)
 
     def subset(bank: Bank, rows):
         fields = {f.name: getattr(bank, f.name)[rows] for f in dataclasses.fields(Bank)
@@ -64,11 +67,11 @@ def pair_bank(train_data: ExampleBank, tokenizer, cfg) -> tuple[PairBank, Exampl
         fields["example_id"] = fields["example_id"].copy()
         return Bank(**fields, info=bank.info)
 
-    chosen_rows = [pos[i] for i in keep]
     chosen = subset(train_data.bank, chosen_rows)
-    rej = subset(rejected.bank, [pos_rej[i] for i in keep])
-    kept = ExampleBank(chosen, keep, [train_data.answers[r] for r in chosen_rows],
-                       [train_data.records[r] for r in chosen_rows])
+    rej = subset(rejected.bank, [pos_rej[n] for n in chosen_rows])
+    kept = ExampleBank(chosen, [train_data.ids[n] for n in chosen_rows],
+                       [train_data.answers[n] for n in chosen_rows],
+                       [train_data.records[n] for n in chosen_rows])
     return PairBank(chosen, rej), kept
 
 

@@ -17,6 +17,13 @@ def _check(cfg):
     if jax.process_count() > 1:
         raise ValueError(f"config.trainer={cfg.trainer!r} computes rewards in a host callback, "
                          f"which runs in one process: multi-process RL is not supported yet.")
+    ignored = [f"{name}={value!r}" for name, value, default in (
+        ("grad_accum", cfg.grad_accum, 1), ("transforms", tuple(cfg.transforms), ()))
+        if value != default]
+    if ignored:  # these steps never read them: refuse rather than silently train without them
+        raise ValueError(f"config.trainer={cfg.trainer!r} does not support {', '.join(ignored)}: "
+                         f"set config.grad_accum=1 (use rl.minibatches to split an RL update) "
+                         f"and config.transforms=().")
     if not cfg.rl.temperature > 0:  # scoring divides the hidden states by it
         raise ValueError(f"config.rl.temperature={cfg.rl.temperature} must be > 0 (greedy decoding "
                          f"has no log-probs to train on; use a small value such as 0.01).")
