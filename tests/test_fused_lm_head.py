@@ -668,3 +668,36 @@ def test_head_runs_in_the_activation_dtype(impl):
     want, g16 = jax.value_and_grad(loss)(w.astype(jnp.bfloat16))
     assert g.dtype == jnp.float32 and float(got) == pytest.approx(float(want), rel=1e-6)
     _close(g, g16, 1e-2, f"{impl}: float32-head gradient vs bf16-head gradient")
+
+
+def _fmix32_inverse(y: int) -> int:
+    """Inverse of MurmurHash3's fmix32 on uint32 Python ints."""
+    m = 0xFFFFFFFF
+    y ^= y >> 16
+    y = (y * pow(0xC2B2AE35, -1, 1 << 32)) & m
+    y ^= (y >> 13) ^ (y >> 26)
+    y = (y * pow(0x85EBCA6B, -1, 1 << 32)) & m
+    return y ^ (y >> 16)
+
+
+def test_gumbel_noise_is_finite_at_the_top_hash():
+    """The largest hash values must not round u to 1.0 (g = +inf would be sampled whatever its logit)."""
+    top = [_fmix32_inverse(x) for x in (0xFFFFFFFF, 0xFFFFFF00)]  # column 0: x = fmix32(row_hash)
+    rh = jnp.asarray(np.array(top, np.uint32).view(np.int32))[:, None]
+    g = np.asarray(gumbel.gumbel_from_hash(rh, jnp.zeros((1, 1), jnp.int32)))
+    assert np.isfinite(g).all() and (g < 17.0).all(), g
+    z = jnp.zeros((2, 3)).at[:, 0].set(-1e4)  # column 0 (the top-hash cell) is impossible
+    opts = xla.HeadOpts(with_sample=True)
+    st = xla.tile_state(z, None, jnp.ones((1, 3), bool), jnp.arange(3, dtype=jnp.int32)[None, :],
+                        jnp.full((2, 1), -1, jnp.int32), rh, opts)
+    assert (np.asarray(st.idx) != 0).all()
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_empty_batch(impl):
+    """No tokens (N=0): empty statistics and zero gradients, as xla_naive, not a ZeroDivisionError."""
+    h, w, t = jnp.zeros((0, 8)), jnp.ones((8, 40)), jnp.zeros((0,), jnp.int32)
+    st = fused_lm_head(h, w, t, impl=impl, ref_weight=w, sample_rng=jax.random.key(0))
+    assert st.target_logprob.shape == st.kl_to_ref.shape == st.sampled_token.shape == (0,)
+    d_h, d_w = jax.grad(lambda h, w: fused_lm_head(h, w, t, impl=impl).target_logprob.sum(), (0, 1))(h, w)
+    assert d_h.shape == (0, 8) and not np.asarray(d_w).any()

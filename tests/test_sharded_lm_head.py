@@ -96,3 +96,39 @@ def test_gradient_filter_under_shard_map():
     """``grad_filter_eps`` runs per shard (each shard filters on its own, larger, probabilities:
     conservative); with nothing below eps it is the exact result."""
     _check((2, 1, 4), "pallas_gpu", grad_filter_eps=1e-30)
+
+
+def test_vocab_parallel_mixed_dtype_and_large_logits():
+    """bf16 activations with a float32 head: the target logit is read in the activations' dtype
+    like the kernels' logits (else log p(target) can exceed 0); and the entropy recombination
+    stays accurate when every logit carries a large common offset."""
+    h, w, t, where, _ = _inputs()
+    mesh = make_mesh(2, 1, 4)
+    hb = h.astype(jnp.bfloat16)
+    w8 = w * 8.0  # confident rows: p(target) ~ 1
+    t8 = jnp.argmax(hb.astype(jnp.float32) @ w8.astype(jnp.bfloat16).astype(jnp.float32), -1)
+    ref = fused_lm_head(hb, w8, t8, impl="xla_naive")
+    st = jax.jit(lambda h_, w_: sharded_lm_head(h_, w_, t8, mesh=mesh, impl="xla_chunked"))(hb, w8)
+    np.testing.assert_allclose(st.target_logprob, ref.target_logprob, rtol=1e-5, atol=1e-4)
+    assert float(st.target_logprob.max()) <= 1e-5
+
+    shift = jnp.zeros((D, V)).at[0].set(2000.0)  # adds 2000 * h[:, 0] to every logit of a row
+    hs = h.at[:, 0].set(1.0)
+    ref = fused_lm_head(hs, w + shift, t, impl="xla_naive")
+    st = sharded_lm_head(hs, w + shift, t, mesh=mesh, impl="xla_chunked")
+    np.testing.assert_allclose(st.entropy, ref.entropy, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("bad", [dict(kl_direction="reverse", ref_weight=True), dict(temperature=-1.0),
+                                 dict(weight_layout="VD"), dict(bwd_rows=-3), dict(logit_softcap=0.0)])
+def test_sharded_validates_arguments_like_fused(bad):
+    """A typo must not silently pick another KL direction / an argmin sampler on a mesh."""
+    h, w, t, where, _ = _inputs()
+    if bad.pop("ref_weight", False):
+        bad["ref_weight"] = w
+    if "temperature" in bad:
+        bad["sample_rng"] = jax.random.key(0)
+    with pytest.raises(ValueError):
+        fused_lm_head(h, w, t, impl="xla_chunked", **bad)
+    with pytest.raises(ValueError):
+        sharded_lm_head(h, w, t, mesh=make_mesh(2, 1, 4), impl="xla_chunked", **bad)

@@ -14,11 +14,12 @@ lowers unchanged to XLA, Triton and Mosaic, none of which need unsigned types):
 * ``k0, k1 = jax.random.bits(key, (2,), uint32)`` -- one key derivation per call.
 * row hash   ``r(n)   = fmix32((n * 0x9E3779B1 + k1) ^ k0)``      (``[N]``, host side)
 * cell hash  ``x(n,v) = fmix32(r(n) ^ (v * 0x85EBCA77))``           (in the kernels)
-* uniform    ``u = ((x >>> 8) + 0.5) * 2**-24``  in the open interval (0, 1)
+* uniform    ``u = min(((x >>> 8) + 0.5) * 2**-24, 1 - 2**-24)``  in the open interval (0, 1)
+  (in float32 the top value would round to exactly 1, i.e. ``g = +inf``)
 * Gumbel     ``g = -log(-log(u))``
 
 ``fmix32`` is MurmurHash3's 32-bit finalizer (a bijection with full avalanche).
-The 24-bit uniform resolution bounds ``g`` to about [-2.8, 17.3]; that is far
+The 24-bit uniform resolution bounds ``g`` to about [-2.8, 16.6]; that is far
 outside the range that matters for sampling from a softmax.
 """
 
@@ -78,6 +79,9 @@ def gumbel_from_hash(row_hash: jax.Array, cols: jax.Array) -> jax.Array:
     """
     x = fmix32(row_hash ^ (cols * jnp.int32(_COL)))
     u = (_shr(x, 8).astype(jnp.float32) + 0.5) * jnp.float32(2.0**-24)
+    # 2**24 - 0.5 is not a float32 (it rounds to 2**24): without the clamp the top hash value gives
+    # u == 1 and g = +inf, which wins the argmax whatever the logit (p = 2**-24 per cell)
+    u = jnp.minimum(u, jnp.float32(1.0 - 2.0**-24))
     return -jnp.log(-jnp.log(u))
 
 

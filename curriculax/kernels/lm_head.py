@@ -237,6 +237,23 @@ def fused_lm_head(
     See the module docstring for the statistics, masking, KL direction,
     sampling and implementation details.
     """
+    n, vocab = check_args(hidden, weight, targets, ref_weight, ref_hidden, kl_direction, temperature,
+                          logit_softcap, bwd_rows, weight_layout)
+    grad_filter_eps = resolve_grad_filter_eps(grad_filter_eps, hidden.dtype)
+
+    impl, opts, interpret = _static_options(impl, interpret, logit_softcap, temperature,
+                                            ref_weight is not None, kl_direction,
+                                            sample_rng is not None, weight_layout)
+    targets, valid = _valid_targets(targets, vocab, where)
+    row_hash = gumbel.noise_row_hash(sample_rng, n) if opts.with_sample else None
+    return compute(impl, opts, (block_n, block_v, block_d, bwd_rows, grad_filter_eps), interpret, hidden, weight,
+                   ref_hidden, ref_weight, targets, valid, row_hash)
+
+
+def check_args(hidden, weight, targets, ref_weight, ref_hidden, kl_direction, temperature, logit_softcap,
+               bwd_rows, weight_layout):
+    """The argument checks of :func:`fused_lm_head` (shared with ``sharded_lm_head``); returns
+    ``(N, V)``."""
     if weight_layout not in ("dv", "vd"):
         raise ValueError(f"weight_layout must be 'dv' ([d, V]) or 'vd' ([V, d]), got {weight_layout!r}")
     vd = weight_layout == "vd"
@@ -264,15 +281,7 @@ def fused_lm_head(
         raise ValueError("logit_softcap must be > 0 or None")
     if not (bwd_rows is None or bwd_rows == "auto" or (isinstance(bwd_rows, int) and bwd_rows > 0)):
         raise ValueError(f"bwd_rows must be a positive int, 'auto' or None, got {bwd_rows!r}")
-    grad_filter_eps = resolve_grad_filter_eps(grad_filter_eps, hidden.dtype)
-
-    impl, opts, interpret = _static_options(impl, interpret, logit_softcap, temperature,
-                                            ref_weight is not None, kl_direction,
-                                            sample_rng is not None, weight_layout)
-    targets, valid = _valid_targets(targets, vocab, where)
-    row_hash = gumbel.noise_row_hash(sample_rng, n) if opts.with_sample else None
-    return compute(impl, opts, (block_n, block_v, block_d, bwd_rows, grad_filter_eps), interpret, hidden, weight,
-                   ref_hidden, ref_weight, targets, valid, row_hash)
+    return n, vocab
 
 
 def resolve_grad_filter_eps(eps, dtype) -> Optional[float]:
@@ -319,6 +328,8 @@ def compute(impl, opts, blocks, interpret, hidden, weight, ref_hidden, ref_weigh
     :func:`curriculax.kernels.sharded.sharded_lm_head`)."""
     ref_weight = None if ref_weight is None else jax.lax.stop_gradient(ref_weight)
     ref_hidden = None if ref_hidden is None else jax.lax.stop_gradient(ref_hidden)
+    if hidden.shape[0] == 0 and impl.startswith("pallas"):
+        impl = "xla_chunked"  # no rows: a Pallas grid cannot be empty (ZeroDivisionError on blocks)
     if impl == "xla_naive":
         stats = _mask_stats(
             xla.naive_stats(hidden, weight, ref_hidden, ref_weight, targets, valid, row_hash, opts), valid

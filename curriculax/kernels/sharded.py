@@ -13,7 +13,7 @@ parallelism explicitly with ``shard_map``:
 
       lse  = log sum_k exp(lse_k)
       z_t  = psum(target logit on the slice that owns the target)
-      H    = lse - sum_k exp(lse_k - lse) (lse_k - H_k)      (H_k = lse_k - E_k[z])
+      H    = sum_k s_k (H_k - log s_k),   s_k = exp(lse_k - lse)   (= lse - sum_k s_k E_k[z])
       max  = pmax(max_k + lse_k) - lse
 
   Gradients flow through each slice's custom-VJP kernel and the collectives (autodiff of
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from curriculax.kernels import gumbel, lm_head
+from curriculax.kernels import gumbel, lm_head, xla
 from curriculax.kernels.lm_head import LMHeadStats
 
 
@@ -62,10 +62,10 @@ def sharded_lm_head(hidden, weight, targets, *, mesh: Mesh,
                     bwd_rows=None, grad_filter_eps=None, weight_layout: str = "dv", impl: str = "auto",
                     interpret=None) -> LMHeadStats:
     """:func:`curriculax.kernels.fused_lm_head` with rows and vocab split over ``mesh``."""
+    lm_head.check_args(hidden, weight, targets, ref_weight, ref_hidden, kl_direction, temperature,
+                       logit_softcap, bwd_rows, weight_layout)
     vd = weight_layout == "vd"
     n, vocab = hidden.shape[0], weight.shape[0 if vd else 1]
-    if targets.shape != (n,):
-        raise ValueError(f"targets must have shape ({n},), got {targets.shape}")
     impl, opts, interpret = lm_head._static_options(
         impl, interpret, logit_softcap, temperature, ref_weight is not None, kl_direction,
         sample_rng is not None, weight_layout)
@@ -106,19 +106,22 @@ def sharded_lm_head(hidden, weight, targets, *, mesh: Mesh,
         st = lm_head.compute(impl, opts, blocks, interpret, h, w, None, None,
                              jnp.where(ok, 0, -1), ok, None)
         col = jnp.take(w, jnp.clip(local_t, 0, width - 1), axis=0 if vd else 1)  # the targets' head rows
-        z = jnp.einsum("nd,nd->n" if vd else "nd,dn->n", h.astype(jnp.float32), col.astype(jnp.float32))
-        if opts.softcap is not None:
-            z = opts.softcap * jnp.tanh(z / opts.softcap)
+        # in h's dtype with float32 accumulation, as the kernels' logits (xla.head_dot): a float32
+        # head under bf16 activations must be rounded to bf16 here too, or z_t and lse disagree
+        z = jnp.einsum("nd,nd->n" if vd else "nd,dn->n", h, col.astype(h.dtype),
+                       preferred_element_type=jnp.float32)
+        z = xla.cap(z, opts.softcap)
         z_t = jax.lax.psum(jnp.where(mine, z, 0.0), cols[0])
         m = jax.lax.pmax(jax.lax.stop_gradient(st.lse), cols[0])  # a shift: value-neutral
         lse = m + jnp.log(jax.lax.psum(jnp.exp(st.lse - m), cols[0]))
-        share = jnp.exp(st.lse - lse)
-        mean_z = jax.lax.psum(share * (st.lse - st.entropy), cols[0])
+        log_share = st.lse - lse
+        # H = sum_k share_k (H_k - log share_k): no lse - E[z] cancellation for large logits
+        entropy = jax.lax.psum(jnp.exp(log_share) * (st.entropy - log_share), cols[0])
         top = jax.lax.pmax(jax.lax.stop_gradient(st.max_logprob + st.lse), cols[0]) - (
             jax.lax.stop_gradient(lse))
         zero = jnp.zeros((), jnp.float32)
         return LMHeadStats(target_logprob=jnp.where(ok, z_t - lse, zero),
-                           lse=jnp.where(ok, lse, zero), entropy=jnp.where(ok, lse - mean_z, zero),
+                           lse=jnp.where(ok, lse, zero), entropy=jnp.where(ok, entropy, zero),
                            max_logprob=jnp.where(ok, top, zero))
 
     out_specs = LMHeadStats(vec, vec, vec, vec)
