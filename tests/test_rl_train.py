@@ -111,6 +111,24 @@ def test_rl_step_with_remat_equals_without():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p0, p1)
 
 
+def test_loramoe_balancing_loss_joins_the_rl_and_relift_losses():
+    """The RL update and ReLIFT's SFT pass add LoRAMoE's sown balancing loss, as the SFT step
+    does. No reward (zero advantages) and lr 0: the RL loss is the balancing loss alone and the
+    SFT pass sees the same parameters with and without it."""
+    from curriculax import sparsity
+
+    out = {}
+    for lbc in (0.0, 0.1):
+        cfg = rl_config(**{"rl.rewards": (("test_never", 1.0),), "rl.relift": True,
+                           "rl.relift_sft_size": 4, "rl.relift_capacity": 16, "steps": 1,
+                           "optimizer.lr": 0.0})
+        cfg.sparsity = sparsity.config("loramoe", experts=4, lbc_weight=lbc, lbc_delta=0.1)
+        out[lbc] = _run_steps(cfg, 1)[2][0]
+    assert out[0.0]["loss"] == 0.0 and out[0.1]["loss"] > 1e-3
+    assert out[0.1]["relift/sft_updates"] == out[0.0]["relift/sft_updates"] == 1
+    assert out[0.1]["relift/sft_loss"] > out[0.0]["relift/sft_loss"] + 1e-3
+
+
 def test_relift_buffer_worked_example():
     s = relift.init(6)
     s = relift.push(s, jnp.array([10, 11, 12, 13]), jnp.array([True, False, False, True]))

@@ -31,6 +31,7 @@ import optax
 from flax import nnx, struct
 
 from curriculax import objectives
+from curriculax.models.layers import AuxLoss
 
 
 @struct.dataclass
@@ -86,10 +87,13 @@ def make_interleave(*, graphdef, optimizer, config, to_model=lambda p: p, head=N
 
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, to_model(params))
+        hidden, sown = nnx.capture(model, AuxLoss)(batch.tokens, category=batch.category)
         weight, layout = model.head_weight()
-        stats = objectives.lm_head_stats(model(batch.tokens), weight, batch.targets, batch.loss_mask,
+        stats = objectives.lm_head_stats(hidden, weight, batch.targets, batch.loss_mask,
                                          weight_layout=layout, **head)
-        return sft_loss(stats.target_logprob, stats.entropy, batch.loss_mask, coef)
+        # plus the model's auxiliary losses (LoRAMoE's balancing constraint), as in the SFT step
+        return sft_loss(stats.target_logprob, stats.entropy, batch.loss_mask, coef) + sum(
+            jax.tree.leaves(sown), jnp.zeros((), jnp.float32))
 
     def interleave(state, bank, rows_P, correct_PxG):
         buf = push(state.rl, rows_P, ~correct_PxG.any(-1))

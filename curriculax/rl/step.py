@@ -23,6 +23,7 @@ from flax import nnx
 
 from curriculax import objectives
 from curriculax.curriculum.base import Feedback
+from curriculax.models.layers import AuxLoss
 from curriculax.rl import base, grpo
 from curriculax.rl.rollout import left_pad_prompts, rollout, sequences
 from curriculax.sparsity import base as sparsity_lib
@@ -58,12 +59,16 @@ def head_options(config, mesh=None, rules=()) -> dict:
                 grad_filter_eps=config.objective.get("grad_filter_eps"))
 
 
-def policy_logprob(model, seq, temperature: float, head: dict):
-    """LM-head statistics of ``seq.targets`` at the sampling temperature (``[B,T]`` each)."""
-    hidden = model(seq.tokens, positions=seq.positions, segment_ids=seq.segment_ids)
+def policy_logprob(model, seq, temperature: float, head: dict, category=None):
+    """LM-head statistics of ``seq.targets`` at the sampling temperature (``[B,T]`` each), and the
+    sum of the auxiliary losses the model sows given per-sequence ``category`` (LoRAMoE's
+    balancing constraint; 0 without)."""
+    hidden, sown = nnx.capture(model, AuxLoss)(seq.tokens, positions=seq.positions,
+                                               segment_ids=seq.segment_ids, category=category)
     weight, layout = model.head_weight()
-    return objectives.lm_head_stats(hidden / temperature, weight, seq.targets, seq.loss_mask,
-                                    weight_layout=layout, **head)
+    stats = objectives.lm_head_stats(hidden / temperature, weight, seq.targets, seq.loss_mask,
+                                     weight_layout=layout, **head)
+    return stats, sum(jax.tree.leaves(sown), jnp.zeros((), jnp.float32))
 
 
 def make_rl_step(*, graphdef, curriculum, optimizer, lr_schedule, config, host_reward: HostReward,
@@ -89,16 +94,17 @@ def make_rl_step(*, graphdef, curriculum, optimizer, lr_schedule, config, host_r
     refresh = None if sparsity is None else sparsity.refresh
     reward_shape = jax.ShapeDtypeStruct((num_responses,), jnp.float32)
 
-    def loss_and_stats(params, seq, old_logp, ref_logp, signals, weights):
+    def loss_and_stats(params, seq, category, old_logp, ref_logp, signals, weights):
         model = nnx.merge(graphdef, to_model(params))
-        stats = policy_logprob(model, seq, temperature, head)
+        stats, aux_loss = policy_logprob(model, seq, temperature, head, category)
         logp = stats.target_logprob
         # One update per rollout batch: rho = exp(logp - sg(logp)) is exactly 1 (TRL).
         old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
         tok = loss_fn.token_loss(logp, old, signals, rl)
         kl = jnp.zeros_like(logp) if ref_logp is None else grpo.kl_k3(logp, ref_logp)
         tok = tok + kl_coef * kl
-        loss = grpo.aggregate(tok, seq.loss_mask, rl.aggregation, weights, t_max=int(rl.max_new_tokens))
+        loss = grpo.aggregate(tok, seq.loss_mask, rl.aggregation, weights,
+                              t_max=int(rl.max_new_tokens)) + aux_loss
         m = seq.loss_mask.astype(jnp.float32)
         ratio = jnp.exp(logp - old)
         a = signals.advantage[:, None]  # clipped = the surrogate's gradient is cut (TRL's count)
@@ -112,7 +118,7 @@ def make_rl_step(*, graphdef, curriculum, optimizer, lr_schedule, config, host_r
 
     def forward_logp(params, seq):
         model = nnx.merge(graphdef, jax.lax.stop_gradient(to_model(params)))
-        return policy_logprob(model, seq, temperature, head).target_logprob
+        return policy_logprob(model, seq, temperature, head)[0].target_logprob
 
     def rl_step(state, bank):
         rng, sample_rng, roll_rng, perm_rng = jax.random.split(state.rng, 4)
@@ -134,6 +140,7 @@ def make_rl_step(*, graphdef, curriculum, optimizer, lr_schedule, config, host_r
                                correct=correct.reshape(-1), group_accuracy=group_acc.reshape(-1))
         seq = sequences(jnp.repeat(prompt, group, 0), jnp.repeat(pmask, group, 0), gen)
         seq_weights = jnp.repeat(weights, group)
+        seq_category = jnp.repeat(rows.category, group)
         single_update = inner * minibatches == 1
         old_logp = None if single_update else forward_logp(state.params, seq)
         ref_logp = None if kl_coef == 0.0 else forward_logp(state.ref_params, seq)
@@ -149,8 +156,8 @@ def make_rl_step(*, graphdef, curriculum, optimizer, lr_schedule, config, host_r
             take = lambda x: None if x is None else x[idx]  # noqa: E731
             mb_seq = jax.tree.map(lambda x: x[idx], seq)
             mb_sig = jax.tree.map(lambda x: x[idx], signals)
-            (loss, aux), grads = grad_fn(params, mb_seq, take(old_logp), take(ref_logp), mb_sig,
-                                         seq_weights[idx])
+            (loss, aux), grads = grad_fn(params, mb_seq, seq_category[idx], take(old_logp),
+                                         take(ref_logp), mb_sig, seq_weights[idx])
             updates, opt_state = optimizer.update(grads, opt_state, params, **mask_kw)
             params = optax.apply_updates(params, updates)
             return (params, opt_state), {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
