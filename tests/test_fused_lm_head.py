@@ -701,3 +701,19 @@ def test_empty_batch(impl):
     assert st.target_logprob.shape == st.kl_to_ref.shape == st.sampled_token.shape == (0,)
     d_h, d_w = jax.grad(lambda h, w: fused_lm_head(h, w, t, impl=impl).target_logprob.sum(), (0, 1))(h, w)
     assert d_h.shape == (0, 8) and not np.asarray(d_w).any()
+
+
+@pytest.mark.parametrize("impl", ("xla_naive",) + FUSED)
+def test_sample_rows_make_a_row_subset_sample_like_the_full_batch(impl):
+    """Gradient accumulation's micro-batch (rows 1, 4, 7, ...) with ``sample_rows`` = those row
+    indices draws the tokens the whole batch draws there; without them it draws others."""
+    inp = _inputs()
+    kw = dict(sample_rng=inp["rng"], impl=impl, interpret=True, **BLOCKS.get(impl, {}))
+    full = fused_lm_head(inp["h"], inp["w"], inp["t"], **kw).sampled_token
+    rows = jnp.arange(1, N, 3)
+    part = fused_lm_head(inp["h"][rows], inp["w"], inp["t"][rows], sample_rows=rows, **kw)
+    np.testing.assert_array_equal(part.sampled_token, full[rows])
+    plain = fused_lm_head(inp["h"][rows], inp["w"], inp["t"][rows], **kw).sampled_token
+    assert (np.asarray(plain) != np.asarray(full[rows])).any()
+    with pytest.raises(ValueError, match="sample_rows"):
+        fused_lm_head(inp["h"], inp["w"], inp["t"], sample_rows=rows, **kw)

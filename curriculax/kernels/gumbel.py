@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["fmix32", "noise_row_hash", "gumbel_from_hash", "gumbel_noise"]
+__all__ = ["fmix32", "noise_row_hash", "gumbel_from_hash", "gumbel_noise", "token_rows"]
 
 
 def _i32(c: int) -> int:
@@ -58,15 +58,21 @@ def fmix32(x: jax.Array) -> jax.Array:
     return x
 
 
-def noise_row_hash(rng: jax.Array, num_rows: int) -> jax.Array:
+def noise_row_hash(rng: jax.Array, num_rows: int, rows: jax.Array | None = None) -> jax.Array:
     """Per-row hash ``r(n)`` (int32 ``[num_rows]``) derived from a PRNG key.
 
-    Accepts typed keys (``jax.random.key``) and raw uint32 keys
-    (``jax.random.PRNGKey``).
+    ``rows`` (int32 ``[num_rows]``, default ``arange(num_rows)``) are the counters ``n``: give
+    each row its index in a larger batch and any subset of that batch draws the noise the
+    whole batch would (gradient-accumulation micro-batches). Accepts typed keys
+    (``jax.random.key``) and raw uint32 keys (``jax.random.PRNGKey``).
     """
     kbits = jax.random.bits(rng, (2,), jnp.uint32)
     k = lax.bitcast_convert_type(kbits, jnp.int32)
-    rows = jnp.arange(num_rows, dtype=jnp.int32)
+    if rows is None:
+        rows = jnp.arange(num_rows, dtype=jnp.int32)
+    elif rows.shape != (num_rows,):
+        raise ValueError(f"sample_rows must have shape ({num_rows},), got {rows.shape}")
+    rows = rows.astype(jnp.int32)
     return fmix32((rows * jnp.int32(_GOLDEN) + k[1]) ^ k[0])
 
 
@@ -90,3 +96,9 @@ def gumbel_noise(rng: jax.Array, num_rows: int, num_cols: int) -> jax.Array:
     rh = noise_row_hash(rng, num_rows)[:, None]
     cols = jnp.arange(num_cols, dtype=jnp.int32)[None, :]
     return gumbel_from_hash(rh, cols)
+
+
+def token_rows(rows_B: jax.Array, seq_len: int) -> jax.Array:
+    """``[B,T]`` noise counters of the tokens of batch rows ``rows_B``: ``row * T + t``, the
+    flattened position in the full batch (``fused_lm_head(sample_rows=...)``)."""
+    return rows_B.astype(jnp.int32)[:, None] * seq_len + jnp.arange(seq_len, dtype=jnp.int32)

@@ -4,7 +4,7 @@ Public API
 ----------
 ``fused_lm_head(hidden [N,d], weight [d,V], targets [N], *, where=None,
 logit_softcap=None, ref_weight=None, ref_hidden=None, kl_direction="policy_ref",
-sample_rng=None, temperature=1.0, block_n=None, block_v=None, block_d=None,
+sample_rng=None, sample_rows=None, temperature=1.0, block_n=None, block_v=None, block_d=None,
 bwd_rows=None, grad_filter_eps=None, weight_layout="dv", impl="auto", interpret=None) -> LMHeadStats``
 
 Statistics (float32 ``[N]``; see :mod:`curriculax.kernels.xla` for formulas):
@@ -27,6 +27,9 @@ Statistics (float32 ``[N]``; see :mod:`curriculax.kernels.xla` for formulas):
   counter-based noise of :mod:`curriculax.kernels.gumbel` (identical on every
   implementation and blocking).  ``sampled_logprob`` is ``log p(token)`` under
   the temperature-1 (capped) policy; it is differentiable, the token is not.
+  ``sample_rows`` (int32 ``[N]``, default ``arange(N)``) are the rows' noise
+  counters: pass each row's position in a larger batch (``gumbel.token_rows``)
+  and a slice of it samples exactly what the whole batch would.
 
 Masking: a row is *valid* iff ``where[n]`` (default True) and
 ``0 <= targets[n] < V``.  Invalid rows (prompt/pad, ``targets=-100``/``-1``)
@@ -222,6 +225,7 @@ def fused_lm_head(
     ref_hidden: Optional[jax.Array] = None,
     kl_direction: str = "policy_ref",
     sample_rng: Optional[jax.Array] = None,
+    sample_rows: Optional[jax.Array] = None,
     temperature: float = 1.0,
     block_n: Optional[int] = None,
     block_v: Optional[int] = None,
@@ -245,7 +249,7 @@ def fused_lm_head(
                                             ref_weight is not None, kl_direction,
                                             sample_rng is not None, weight_layout)
     targets, valid = _valid_targets(targets, vocab, where)
-    row_hash = gumbel.noise_row_hash(sample_rng, n) if opts.with_sample else None
+    row_hash = gumbel.noise_row_hash(sample_rng, n, sample_rows) if opts.with_sample else None
     return compute(impl, opts, (block_n, block_v, block_d, bwd_rows, grad_filter_eps), interpret, hidden, weight,
                    ref_hidden, ref_weight, targets, valid, row_hash)
 

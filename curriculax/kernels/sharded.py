@@ -57,7 +57,7 @@ def _spec(axes: tuple[str, ...]):
 def sharded_lm_head(hidden, weight, targets, *, mesh: Mesh,
                     row_axes: Sequence[str] = ("data", "fsdp"), vocab_axis: str = "tensor",
                     where=None, logit_softcap: Optional[float] = None, ref_weight=None,
-                    ref_hidden=None, kl_direction: str = "policy_ref", sample_rng=None,
+                    ref_hidden=None, kl_direction: str = "policy_ref", sample_rng=None, sample_rows=None,
                     temperature: float = 1.0, block_n=None, block_v=None, block_d=None,
                     bwd_rows=None, grad_filter_eps=None, weight_layout: str = "dv", impl: str = "auto",
                     interpret=None) -> LMHeadStats:
@@ -74,7 +74,7 @@ def sharded_lm_head(hidden, weight, targets, *, mesh: Mesh,
     if cols and (opts.with_kl or opts.with_sample):
         cols = ()  # these statistics need every column of a row on one device
     targets, valid = lm_head._valid_targets(targets, vocab, where)
-    row_hash = gumbel.noise_row_hash(sample_rng, n) if opts.with_sample else None
+    row_hash = gumbel.noise_row_hash(sample_rng, n, sample_rows) if opts.with_sample else None
     grad_filter_eps = lm_head.resolve_grad_filter_eps(grad_filter_eps, hidden.dtype)
     blocks = (block_n, block_v, block_d, bwd_rows, grad_filter_eps)
     rspec, cspec = _spec(rows), _spec(cols)

@@ -56,6 +56,8 @@ def lm_head_stats(hidden_BxTxd, weight_dxV, targets_BxT, mask_BxT, *, mesh=None,
     b, t, d = hidden_BxTxd.shape
     if kernel_kwargs.get("ref_hidden") is not None:  # the reference's hidden states, [B,T,d_ref]
         kernel_kwargs["ref_hidden"] = kernel_kwargs["ref_hidden"].reshape(b * t, -1)
+    if kernel_kwargs.get("sample_rows") is not None:  # [B,T] noise counters
+        kernel_kwargs["sample_rows"] = kernel_kwargs["sample_rows"].reshape(b * t)
     args = (hidden_BxTxd.reshape(b * t, d), weight_dxV, targets_BxT.reshape(b * t))
     impl = resolve_impl(kernel_kwargs.get("impl", "auto"))
     if mesh is not None and mesh.size > 1 and (

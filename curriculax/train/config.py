@@ -27,7 +27,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.steps = 1000  # schedules (LR, pacing) are planned for this many steps
     c.stop_at = 0  # > 0: stop after this step as a preemption would (checkpoint, then exit)
     c.batch_size = 32  # global examples per optimizer step
-    c.grad_accum = 1  # micro-batches per step (batch_size must divide evenly)
+    c.grad_accum = 1  # micro-batches per step (batch_size must divide evenly); same update as 1
     c.steps_per_dispatch = 1  # train steps fused into one jitted lax.scan
 
     # Model: `hf_path` loads a Hugging Face checkpoint; otherwise the fields below build one. With

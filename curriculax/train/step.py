@@ -10,6 +10,11 @@ with the batch's per-example ``category``; whatever :class:`~curriculax.models.l
 scalars the model sows (LoRAMoE's balancing constraint) are summed into the loss (averaged over
 ``grad_accum`` micro-batches, each computing its own). A model that sows nothing trains exactly
 as before.
+
+Gradient accumulation: ``grad_accum`` micro-batches of strided rows give the full batch's
+gradient. Random draws inside the loss (OTR's samples, scheduled sampling's predictions and
+coins) are keyed by each example's row in the step's batch, so they match ``grad_accum=1`` too;
+only a loss that is not a sum over examples (LoRAMoE's balancing term) differs.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from flax import nnx
 
 from curriculax import objectives, transforms
 from curriculax.curriculum.base import Feedback
+from curriculax.kernels import gumbel
 from curriculax.models.layers import AuxLoss
 from curriculax.sharding import named_sharding
 from curriculax.sparsity import base as sparsity_lib
@@ -78,9 +84,10 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
             return jax.lax.with_sharding_constraint(x, named_sharding(mesh, x.shape, axes, rules))
         return jax.tree.map(one, tree)
 
-    def head_stats(params, ref_params, batch, rng, model_ctx=None):
+    def head_stats(params, ref_params, batch, rng, model_ctx=None, rows=None):
         """Fused LM-head statistics, with the extras the objective asked for, and the list of
-        auxiliary losses the model sowed (empty for most models)."""
+        auxiliary losses the model sowed (empty for most models). ``rows`` ``[B]``: the
+        examples' positions in the step's batch, which seed their random draws."""
         model = nnx.merge(graphdef, to_model(params))
         forward = nnx.capture(model, AuxLoss)
         if model_ctx is None:
@@ -98,6 +105,8 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
             extra.update(ref_head)
         if "sample" in objective.needs:  # in-kernel Gumbel-max sampling (OTR)
             extra.update(sample_rng=rng)
+            if rows is not None:
+                extra.update(sample_rows=gumbel.token_rows(rows, batch.tokens.shape[1]))
         stats = objectives.lm_head_stats(hidden, weight, batch.targets, batch.loss_mask, impl=impl,
                                          weight_layout=layout, **sharded, **extra)
         if "ref_logprob" in objective.needs:  # a gradient-free pass over the reference head
@@ -107,8 +116,8 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
             stats = objectives.attach(stats, ref_target_logprob=ref_stats.target_logprob)
         return stats, jax.tree.leaves(sown)
 
-    def micro_loss(params, ref_params, batch, weights, rng, denominator, model_ctx=None):
-        stats, aux = head_stats(params, ref_params, batch, rng, model_ctx)
+    def micro_loss(params, ref_params, batch, weights, rng, denominator, model_ctx=None, rows=None):
+        stats, aux = head_stats(params, ref_params, batch, rng, model_ctx, rows)
         token_loss = objective.token_loss(stats, batch, config.objective)
         loss = objectives.reduce_loss(token_loss, batch.loss_mask, weights, denominator, mode)
         if aux:  # micro-batch losses are summed: each adds its share of the auxiliary mean
@@ -122,18 +131,20 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
         if accum == 1:
             return grad_fn(state.params, state.ref_params, batch, weights, rng, denominator,
                            model_ctx)
-        micro = micro_batches((batch, weights), accum)
-        rngs = jax.random.split(rng, accum)
+        # Every micro-batch gets the step's rng and its rows' positions in the full batch:
+        # random draws keyed by row (OTR's and scheduled sampling's samples, the latter's coins)
+        # are those of grad_accum=1.
+        micro = micro_batches((batch, weights, jnp.arange(batch_size, dtype=jnp.int32)), accum)
 
         def body(grad_sum, xs):
-            (mb, w), r = xs
-            mb, w = constrain_batch((mb, w))
-            (loss, aux), grads = grad_fn(state.params, state.ref_params, mb, w, r, denominator,
-                                         model_ctx)
+            mb, w, rows = constrain_batch(xs)
+            ctx = None if model_ctx is None else model_ctx.replace(rows=rows)
+            (loss, aux), grads = grad_fn(state.params, state.ref_params, mb, w, rng, denominator,
+                                         ctx, rows)
             return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (losses, aux) = jax.lax.scan(body, zeros, (micro, rngs))
+        grads, (losses, aux) = jax.lax.scan(body, zeros, micro)
         aux = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(batch_size, *x.shape[2:]), aux)
         return (losses.sum(), aux), grads
 

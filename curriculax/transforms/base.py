@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import struct
 
 from curriculax.registry import Registry
@@ -24,6 +25,21 @@ class TransformContext:
     config: Any = struct.field(pytree_node=False, default=None)
     mask_id: int | None = struct.field(pytree_node=False, default=None)
     pad_id: int = struct.field(pytree_node=False, default=0)
+    # [B] int32: the examples' positions in the step's full batch (a gradient-accumulation
+    # micro-batch holds a strided subset); None: arange(B). Randomness drawn per row from them
+    # (row_uniform, sample_rows) is the same whatever grad_accum.
+    rows: Any = None
+
+
+def batch_rows(ctx: TransformContext, batch_size: int) -> jax.Array:
+    """``ctx.rows``, or ``arange(batch_size)`` outside gradient accumulation."""
+    return jnp.arange(batch_size, dtype=jnp.int32) if ctx.rows is None else ctx.rows
+
+
+def row_uniform(rng, rows_B, seq_len: int) -> jax.Array:
+    """``[B,T]`` uniforms in [0, 1) drawn per batch row from ``fold_in(rng, row)``: a row gets
+    the same numbers whichever micro-batch holds it."""
+    return jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(rng, r), (seq_len,)))(rows_B)
 
 
 class Transform(NamedTuple):

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from curriculax.kernels import fused_lm_head
-from curriculax.transforms.base import Transform, register, transform_config
+from curriculax.kernels.gumbel import token_rows
+from curriculax.transforms.base import Transform, batch_rows, register, row_uniform, transform_config
 from curriculax.transforms.masked_thought import response_input_mask
 from curriculax.transforms.schedule import from_config
 
@@ -92,8 +93,9 @@ def p_gold_at(cfg, ctx) -> jax.Array:
     return jnp.clip(from_config(cfg, "p_gold", ctx), 0.0, 1.0)
 
 
-def predicted_embeddings(model, batch, rng, cfg) -> jax.Array:
-    """``[B,T,d]``: the embedding of the pass-1 prediction made at ``t-1``, for input ``t``."""
+def predicted_embeddings(model, batch, rng, cfg, rows_B=None) -> jax.Array:
+    """``[B,T,d]``: the embedding of the pass-1 prediction made at ``t-1``, for input ``t``;
+    ``rows_B``: the rows' positions in the full batch (their sampling noise counters)."""
     prediction = cfg.get("prediction", "sample")
     temperature = float(cfg.get("temperature", 1.0))
     table = model.embed[...]
@@ -103,7 +105,9 @@ def predicted_embeddings(model, batch, rng, cfg) -> jax.Array:
         weight, layout = model.head_weight()
         stats = fused_lm_head(hidden.reshape(b * t, d), jax.lax.stop_gradient(weight),
                               batch.targets.reshape(-1), where=batch.loss_mask.reshape(-1),
-                              sample_rng=rng, temperature=temperature, impl=cfg.get("impl", "auto"),
+                              sample_rng=rng, temperature=temperature,
+                              sample_rows=None if rows_B is None else token_rows(rows_B, t).reshape(-1),
+                              impl=cfg.get("impl", "auto"),
                               weight_layout=layout)
         pred = jnp.take(table, stats.sampled_token.reshape(b, t), axis=0)
     elif prediction in ("argmax", "soft"):
@@ -136,9 +140,11 @@ def embed(model, batch, rng, ctx) -> jax.Array:
     cfg = transform_config(ctx, default_config(), "scheduled_sampling")
     r_pred, r_coin = jax.random.split(rng)
     gold = jnp.take(model.embed[...], batch.tokens, axis=0)
-    pred = predicted_embeddings(model, batch, r_pred, cfg)
+    b, t = batch.tokens.shape
+    rows = batch_rows(ctx, b)
+    pred = predicted_embeddings(model, batch, r_pred, cfg, rows)
     p_gold = p_gold_at(cfg, ctx)
-    use_pred = response_input_mask(batch) & (jax.random.uniform(r_coin, batch.tokens.shape) >= p_gold)
+    use_pred = response_input_mask(batch) & (row_uniform(r_coin, rows, t) >= p_gold)
     return mix_embeddings(gold, pred, use_pred, cfg.get("mix", "mean"), float(cfg.get("gate", 0.5)))
 
 
