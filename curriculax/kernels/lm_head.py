@@ -48,7 +48,10 @@ plain autodiff (the reference).  Every other impl is a ``jax.custom_vjp``
 whose backward recomputes logits blockwise from ``(hidden, weight)`` and the
 saved per-row ``lse`` (and entropy / KL / reference lse), supporting
 cotangents on every float statistic at once.  ``d_hidden`` / ``d_weight`` come
-back in the input dtypes; accumulation is float32.
+back in the input dtypes; accumulation is float32.  Reverse mode only
+(``jax.jvp`` of a ``custom_vjp`` is an error); higher orders work with
+``xla_chunked``, whose backward is plain JAX, but not through the Pallas
+backward kernels.
 
 Backward memory (``xla_chunked`` / ``pallas_gpu``): besides the gradients
 themselves the backward holds a float32 ``d_hidden`` accumulator (``4 N d``
