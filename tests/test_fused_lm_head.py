@@ -717,3 +717,20 @@ def test_sample_rows_make_a_row_subset_sample_like_the_full_batch(impl):
     assert (np.asarray(plain) != np.asarray(full[rows])).any()
     with pytest.raises(ValueError, match="sample_rows"):
         fused_lm_head(inp["h"], inp["w"], inp["t"], sample_rows=rows, **kw)
+
+
+@pytest.mark.parametrize("impl", ["xla_naive", "xla_chunked", "pallas_gpu", "pallas_tpu"])
+def test_argmax_target_counts_as_correct(impl):
+    """``target_logprob >= max_logprob`` (the trainer's token accuracy) holds whenever the target
+    is the argmax: both must be computed the same way, not max_logprob as -log(s)."""
+    k = jax.random.split(jax.random.key(3), 2)
+    h = jax.random.normal(k[0], (256, D))
+    w = jax.random.normal(k[1], (D, V)) * (2.0 / np.sqrt(D)) + 3.0  # lse far from 0: rounding shows
+    z = np.asarray(jnp.dot(h, w, precision="highest"))
+    top2 = np.sort(z, -1)[:, -2:]
+    t = jnp.asarray(z.argmax(-1), jnp.int32)
+    clear = (top2[:, 1] - top2[:, 0]) > 1e-3  # rows whose argmax no rounding can change
+    kw = {} if impl.startswith("xla") else dict(BLOCKS[impl], interpret=True)
+    st = fused_lm_head(h, w, t, impl=impl, **kw)
+    hit = np.asarray(st.target_logprob >= st.max_logprob)
+    assert hit[clear].all(), f"{impl}: {(~hit[clear]).sum()} of {clear.sum()} argmax targets missed"

@@ -102,9 +102,10 @@ def sharded_lm_head(hidden, weight, targets, *, mesh: Mesh,
         k = jax.lax.axis_index(cols[0])
         local_t = t - k * width
         mine = ok & (local_t >= 0) & (local_t < width)
-        # Every valid row needs its slice's lse/entropy: score a dummy in-range target.
+        # Every valid row needs its slice's lse/entropy: score the local target where this slice
+        # holds it (for the exact argmax test below), a dummy in-range one elsewhere.
         st = lm_head.compute(impl, opts, blocks, interpret, h, w, None, None,
-                             jnp.where(ok, 0, -1), ok, None)
+                             jnp.where(ok, jnp.where(mine, local_t, 0), -1), ok, None)
         col = jnp.take(w, jnp.clip(local_t, 0, width - 1), axis=0 if vd else 1)  # the targets' head rows
         # in h's dtype with float32 accumulation, as the kernels' logits (xla.head_dot): a float32
         # head under bf16 activations must be rounded to bf16 here too, or z_t and lse disagree
@@ -117,10 +118,19 @@ def sharded_lm_head(hidden, weight, targets, *, mesh: Mesh,
         log_share = st.lse - lse
         # H = sum_k share_k (H_k - log share_k): no lse - E[z] cancellation for large logits
         entropy = jax.lax.psum(jnp.exp(log_share) * (st.entropy - log_share), cols[0])
-        top = jax.lax.pmax(jax.lax.stop_gradient(st.max_logprob + st.lse), cols[0]) - (
-            jax.lax.stop_gradient(lse))
+        local_top = jax.lax.stop_gradient(st.max_logprob + st.lse)  # ~ the slice's max logit
+        best = jax.lax.pmax(local_top, cols[0])
+        top = best - jax.lax.stop_gradient(lse)
+        # Argmax accuracy compares target_logprob >= max_logprob: z_t (einsum) and the kernels'
+        # max logit round differently, so decide "the target is the argmax" exactly (the slice
+        # holding it: its kernel's own target vs max, and its max is the largest slice max) and
+        # then report max_logprob equal to target_logprob.
+        hit = mine & (st.target_logprob >= st.max_logprob) & (local_top >= best)
+        hit = jax.lax.pmax(hit.astype(jnp.int32), cols[0]) > 0
+        target_logprob = z_t - lse
+        top = jnp.where(hit, jax.lax.stop_gradient(target_logprob), top)
         zero = jnp.zeros((), jnp.float32)
-        return LMHeadStats(target_logprob=jnp.where(ok, z_t - lse, zero),
+        return LMHeadStats(target_logprob=jnp.where(ok, target_logprob, zero),
                            lse=jnp.where(ok, lse, zero), entropy=jnp.where(ok, entropy, zero),
                            max_logprob=jnp.where(ok, top, zero))
 

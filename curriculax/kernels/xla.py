@@ -219,8 +219,12 @@ def finalize(st: OnlineState, opts: HeadOpts) -> dict:
     """Row statistics (``[R]`` float32 / int32) from a complete state."""
     logs = jnp.log(st.s)
     lse = st.m + logs
-    # max_logprob = max_v z_v - lse = -log(s): free, and gives argmax accuracy without logits.
-    out = dict(lse=lse, target_logprob=st.zt - lse, entropy=logs - st.a / st.s, max_logprob=-logs)
+    # max_logprob = max_v z_v - lse, computed exactly as target_logprob (z_t - lse): when the
+    # target is the argmax, z_t == m bitwise and the two agree, so ``target_logprob >=
+    # max_logprob`` is argmax accuracy. (``-log(s)`` equals it in exact arithmetic only: m + log s
+    # rounds, and about half of the argmax hits compared as misses.)
+    out = dict(lse=lse, target_logprob=st.zt - lse, entropy=logs - st.a / st.s,
+               max_logprob=st.m - lse)
     if opts.with_kl:
         logsr = jnp.log(st.sr)
         out["lse_ref"] = st.mr + logsr
