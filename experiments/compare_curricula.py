@@ -89,6 +89,12 @@ def heldout_loss(cfg, workdir) -> dict[str, float]:
     return out
 
 
+def curriculum_defaults(name: str):
+    """The curriculum module's ``default_config()`` (empty for those without options)."""
+    module = importlib.import_module(f"curriculax.curriculum.{name}")
+    return module.default_config() if hasattr(module, "default_config") else {}
+
+
 def run_one(mod, method: str, seed: int, root: Path, steps: int | None) -> dict:
     wd = root / f"{method}_s{seed}"
     done = wd / "result.json"
@@ -100,7 +106,8 @@ def run_one(mod, method: str, seed: int, root: Path, steps: int | None) -> dict:
         shutil.rmtree(wd)
     cfg = mod.get_config(method)
     cfg.seed = seed
-    cfg.curriculum.seed = seed
+    if "seed" in curriculum_defaults(cfg.curriculum.name):  # only those with a fixed permutation
+        cfg.curriculum.seed = seed
     if steps:
         cfg.steps = cfg.eval_every = cfg.checkpoint_every = steps
     t0 = time.perf_counter()
