@@ -53,7 +53,10 @@ class HostSECState:
 
 
 def _host_init(config, meta):
-    return HostSECState(sec=sec.init(config, meta),
+    # batch_size is this wrapper's own field: SEC's strict config check would reject it
+    sec_config = ml_collections.ConfigDict(
+        {k: v for k, v in config.to_dict().items() if k != "batch_size"})
+    return HostSECState(sec=sec.init(sec_config, meta),
                         next_indices=jnp.zeros((int(config.batch_size),), jnp.int32))
 
 

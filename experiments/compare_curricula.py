@@ -241,6 +241,7 @@ def main():
                          - base[r["seed"]][f"heldout_loss/difficulty/{difficulties[-1]}"]
                          for r in common])})
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the plots are saved before report.write
     plot_accuracy(results, methods, difficulties, out.with_name(out.stem + "_accuracy.png"))
     plot_states(root, methods, 0, out.with_name(out.stem + "_state.png"))
     sys.path.insert(0, str(HERE))

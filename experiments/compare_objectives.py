@@ -163,6 +163,7 @@ def random_params(model_config, seed):
 
 
 def run_steps(exp, state, steps: int, chunk: int = 10):
+    chunk = math.gcd(steps, chunk) or 1  # run exactly `steps` steps (steps % 10 != 0 ran fewer)
     fn = jit_steps(exp.train_step(), chunk, exp.state_shardings, exp.bank_shardings)
     losses = []
     for _ in range(steps // chunk):

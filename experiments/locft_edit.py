@@ -44,7 +44,7 @@ from flax import nnx  # noqa: E402
 
 from curriculax import sparsity  # noqa: E402
 from curriculax.curriculum import ordering  # noqa: E402
-from curriculax.data import facts  # noqa: E402
+from curriculax.data import facts, sources  # noqa: E402
 from curriculax.sparsity import locft  # noqa: E402  (registers "locft")
 from curriculax.train import build, quickstart_config  # noqa: E402
 from curriculax.train.step import jit_steps  # noqa: E402
@@ -72,14 +72,23 @@ def base_config(args, seed, **over):
     return c
 
 
-def run(cfg, params, compiled=None, bank_difficulty=None):
+def _facts_depth_first(d, seed, *, train: bool):
+    """The ``facts`` source with edit ``i`` at difficulty ``i + 1`` (stage ``i`` of the
+    depth-first ordering); the held-out set comes from ``facts`` itself (``data.eval_source``)."""
+    recs = sources.SOURCES["facts"](d, seed, train=train)
+    return [dict(r, difficulty=i + 1) for i, r in enumerate(recs)] if train else recs
+
+
+# The bank must carry the stage difficulties when it is built: the staged ordering checks at
+# build time that every stage admits a row (setting them on exp.bank after build fails that).
+sources.SOURCES.setdefault("facts_depth_first", _facts_depth_first)
+
+
+def run(cfg, params, compiled=None):
     """``cfg.steps`` steps from ``params``; ``compiled`` (a dict) caches the jitted steps per
     method, so that seeds (same shapes, other data and starting weights) compile once."""
     exp = build(cfg)
     exp.load_init_params = lambda: params
-    if bank_difficulty is not None:  # depth-first: row i is "stage i" of a staged ordering
-        exp.bank = exp.bank.replace(difficulty=jax.device_put(
-            np.asarray(bank_difficulty, np.int32), exp.bank_shardings.difficulty))
     state = exp.init_state()
     compiled = {} if compiled is None else compiled
     if "fn" not in compiled:
@@ -93,10 +102,11 @@ def run(cfg, params, compiled=None, bank_difficulty=None):
 def depth_first(cfg, num_edits, steps_per_edit):
     """One edit at a time (batch 1), ``steps_per_edit`` updates each, in index order."""
     cfg = locft.breadth_first_config(cfg, num_edits, epochs=steps_per_edit, batch_size=1)
+    cfg.data.source, cfg.data.eval_source = "facts_depth_first", "facts"  # edit i: difficulty i + 1
     cur = ordering.default_config()
     cur.kind = "staged"
-    cur.stages = tuple(dict(end_step=steps_per_edit * (i + 1), min_difficulty=i,
-                            max_difficulty=i) for i in range(num_edits))
+    cur.stages = tuple(dict(end_step=steps_per_edit * (i + 1), min_difficulty=i + 1,
+                            max_difficulty=i + 1) for i in range(num_edits))
     cfg.curriculum = cur
     return cfg
 
@@ -175,15 +185,13 @@ def main():
             total = sum(x.size for x in jax.tree.leaves(base_params))
             c = base_config(args, seed, **{"data.source": "facts"})
             c.sparsity = sp
-            diff = None
             if pipe == "BF":
                 c = locft.breadth_first_config(c, args.edits, args.epochs, args.batch)
             else:
                 c = depth_first(c, args.edits, args.epochs)
-                diff = np.arange(args.edits)
             c.optimizer.lr = lr
             t = time.time()
-            exp, state, losses = run(c, base_params, compiled, diff)
+            exp, state, losses = run(c, base_params, compiled)
             model = nnx.merge(exp.graphdef, exp.model_params(state.params))
             r = facts.edit_metrics(model, exp.tokenizer, edits, paras, loc, pre, **kw)
             r.update(trained=trained(name, state, total), total=total, steps=c.steps,

@@ -219,6 +219,7 @@ def main():
         paired.append({"curriculum": c, "accuracy - uniform (pp)": cc.fmt(delta, pct=True)})
     cfg = mod.get_config("sec")
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the plots are saved before report.write
     cc.plot_accuracy([{**r, "method": r["curriculum"]} for r in results], list(CURRICULA),
                      diffs, out.with_name("sec_rl_accuracy.png"))
     first = _configure(mod.get_config("sec"), args.task, 0).data.min_difficulty

@@ -1,0 +1,115 @@
+"""Smoke tests: the scripts in experiments/ still run, with their smallest settings.
+
+Each script runs once as ``python experiments/<script>.py`` in a subprocess (its own JAX: one CPU
+device, not the 8 simulated devices of conftest.py) with outputs under ``tmp_path``; the test
+checks the exit code and that the markdown it writes holds a table row. Sizes are picked so that
+the whole file takes a few minutes on 2 CPU cores; what is not here and why:
+
+- ``triton_compile.py``: needs a GPU;
+- ``bench_step.py``: no flag to shrink it (four worker processes, two of them the 48M-parameter
+  ``small_50m`` model on 1 and 8 simulated devices);
+- ``bench_forward.py``: no size flag (``small_50m`` forward+backward in JAX and in transformers);
+- ``grad_filter.py``: full-vocabulary shapes whatever ``--rows``; ~45 s and ~6 GB of memory;
+- ``sec_rl.py`` (~95 s with 1 step per phase): its evaluations (96 held-out puzzles x 96 new
+  tokens, before and after each RL run) and its rollout-throughput section (6 rollouts of
+  64 x 96 tokens) use the config's full sizes, with no flag to shrink them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT_S = 240
+
+
+def _env() -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", SPARSITY_JAX_CACHE="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.pop("XLA_FLAGS", None)  # conftest's 8 simulated devices are for the in-process tests
+    return env
+
+
+def _run(script: str, *args) -> None:
+    cmd = [sys.executable, str(REPO / "experiments" / script), *map(str, args)]
+    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=TIMEOUT_S, check=False)
+    assert out.returncode == 0, (f"{' '.join(cmd)} exited {out.returncode}\n"
+                                 f"{out.stdout[-3000:]}\n{out.stderr[-6000:]}")
+
+
+def _has_table_row(path: pathlib.Path) -> None:
+    assert path.is_file(), f"{path} was not written"
+    rows = [ln for ln in path.read_text().splitlines()
+            if ln.startswith("|") and not ln.startswith("|---")]
+    assert len(rows) >= 2, f"{path} has no table row (header + data):\n{path.read_text()}"
+
+
+@pytest.mark.slow  # ~20 s: 2 methods x 2 steps, training + greedy eval + plots
+def test_compare_curricula(tmp_path):
+    out = tmp_path / "res" / "curricula_arith.md"  # the results folder does not exist yet
+    _run("compare_curricula.py", "--seeds", 1, "--steps", 2, "--methods", "uniform,sec",
+         "--workdir", tmp_path / "runs", "--out", out)
+    _has_table_row(out)
+    assert (tmp_path / "res" / "curricula_arith_accuracy.png").is_file()
+
+
+@pytest.mark.slow  # ~20 s: base + 2 objectives, 2 steps each, tiny model
+def test_compare_objectives(tmp_path):
+    _run("compare_objectives.py", "--seeds", 1, "--base-steps", 2, "--steps", 2,
+         "--batch-size", 4, "--hidden", 32, "--layers", 1, "--num-train", 64, "--num-eval", 4,
+         "--max-new-tokens", 8, "--methods", "sft,dft", "--out", tmp_path)
+    _has_table_row(tmp_path / "objectives_table.md")
+    # 2 steps is not a multiple of the script's 10-step chunk: it must still train (it ran no
+    # step at all before, and reported the mean of no losses)
+    runs = json.loads((tmp_path / "objectives.json").read_text())["results"]
+    assert all(math.isfinite(runs[m]["0"]["final_loss"]) for m in ("sft", "dft"))
+
+
+@pytest.mark.slow  # ~20 s: every method, 2 steps each, tiny model, no GSM8K
+def test_compare_sparsity(tmp_path):
+    _run("compare_sparsity.py", "--seeds", 1, "--base-steps", 2, "--steps", 2, "--batch-size", 4,
+         "--hidden", 32, "--layers", 1, "--num-train", 32, "--num-eval", 4, "--lift-ranks", 2,
+         "--rank", 2, "--filter-rank", 4, "--refresh-every", 1, "--max-new-tokens", 8,
+         "--no-gsm8k", "--out", tmp_path)  # --no-gsm8k: ../shared is not needed
+    _has_table_row(tmp_path / "sparsity_table.md")
+
+
+@pytest.mark.slow  # ~25 s: 10 edit runs (one compilation each), depth-first ones included
+def test_locft_edit(tmp_path):
+    _run("locft_edit.py", "--seeds", 1, "--edits", 2, "--hidden", 32, "--layers", 1,
+         "--base-steps", 2, "--epochs", 1, "--batch", 2, "--out", tmp_path)
+    text = (tmp_path / "locft_edit.md").read_text()
+    _has_table_row(tmp_path / "locft_edit.md")
+    assert "| DF |" in text  # the depth-first pipeline ran
+
+
+@pytest.mark.slow  # ~10 s: one tiny shape, one timed iteration
+def test_bench_fused_loss(tmp_path):
+    out = tmp_path / "fused_loss.md"
+    _run("bench_fused_loss.py", "--device", "cpu", "--shapes", "128x32x256", "--iters", 1,
+         "--impls", "xla_naive,xla_chunked", "--out", out)
+    _has_table_row(out)
+
+
+@pytest.mark.slow  # ~5 s (compiles, runs nothing); no size flag
+def test_head_layout_memory(tmp_path):
+    out = tmp_path / "head_layout_memory.md"
+    _run("head_layout_memory.py", "--out", out)
+    _has_table_row(out)
+
+
+@pytest.mark.slow  # ~70 s: mostly its curriculum-alone table (every curriculum, 4k and 262k rows)
+def test_bench_curriculum_overhead(tmp_path):
+    out = tmp_path / "curriculum_overhead.md"
+    _run("bench_curriculum_overhead.py", "--steps", 1, "--rounds", 1, "--examples", 256,
+         "--models", "micro", "--out", out)
+    _has_table_row(out)
+    assert "sec, host round trip" in out.read_text()
