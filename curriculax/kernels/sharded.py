@@ -14,7 +14,8 @@ parallelism explicitly with ``shard_map``:
       lse  = log sum_k exp(lse_k)
       z_t  = psum(target logit on the slice that owns the target)
       H    = sum_k s_k (H_k - log s_k),   s_k = exp(lse_k - lse)   (= lse - sum_k s_k E_k[z])
-      max  = pmax(max_k + lse_k) - lse
+      max  = pmax(max_k + lse_k) - lse, or exactly log p(target) where the target is the
+             argmax (decided on the slice that owns it), so target >= max is token accuracy
 
   Gradients flow through each slice's custom-VJP kernel and the collectives (autodiff of
   ``shard_map``), so ``d_weight`` stays vocab-sharded and no device holds ``[N, V]``.
