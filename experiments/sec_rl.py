@@ -91,7 +91,8 @@ def run_rl(mod, task, curriculum, seed, root, warm, steps):
     shutil.rmtree(wd, ignore_errors=True)
     cfg = _configure(mod.get_config(curriculum), task, steps)
     cfg.seed = seed
-    cfg.curriculum.seed = seed
+    if "seed" in cc.curriculum_defaults(cfg.curriculum.name):
+        cfg.curriculum.seed = seed
     cfg.model.init_from = str(warm)
     t0 = time.perf_counter()
     out = train_loop(cfg, wd)
