@@ -243,6 +243,35 @@ def test_relative_workdir_checkpoints(tmp_path, monkeypatch):
     assert checkpoint.manager("rel/run", async_save=False).latest_step() == 2
 
 
+def test_resume_with_an_incompatible_state_names_what_changed(tmp_path):
+    """A checkpoint whose per-row curriculum state has another bank size (data.num_train changed)
+    or another curriculum fails with the leaves that differ, not Orbax's bare shape error (which
+    suggests padding/truncating the state)."""
+    from curriculax.train.state import TrainState
+
+    def state(rows, cur):
+        return TrainState(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0),
+                          params={"w": jnp.ones((4, 2))}, opt_state=(), curriculum=cur(rows))
+
+    def shardings(tree):
+        return jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), tree)
+
+    saved = state(64, lambda e: {"counts": jnp.zeros((e,), jnp.int32)})
+    mngr = checkpoint.manager(tmp_path, async_save=False)
+    checkpoint.save(mngr, 3, saved, {"step": 3})
+    mngr.wait_until_finished()
+    fewer = jax.eval_shape(lambda: state(48, lambda e: {"counts": jnp.zeros((e,), jnp.int32)}))
+    with pytest.raises(ValueError, match=r"curriculum/counts saved with shape \(64,\), now \(48,\)"):
+        checkpoint.restore(mngr, fewer, shardings(fewer))
+    other = jax.eval_shape(lambda: state(64, lambda e: {"q": jnp.zeros((3,))}))
+    with pytest.raises(ValueError, match="curriculum/q is not in the checkpoint"):
+        checkpoint.restore(mngr, other, shardings(other))
+    same = jax.eval_shape(lambda: saved)
+    restored, info = checkpoint.restore(mngr, same, shardings(same))
+    assert info["step"] == 3 and restored.curriculum["counts"].shape == (64,)
+    mngr.close()
+
+
 def test_metrics_after_the_resumed_checkpoint_are_not_duplicated(tmp_path):
     """A process killed after step 5 but checkpointed at 3 resumes at 3: steps 4-5 are logged
     again, so the writer drops the first copies."""

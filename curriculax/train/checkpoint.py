@@ -52,9 +52,42 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, shardings, step: int | 
     step = mngr.latest_step() if step is None else step
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract_state, shardings)
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                     info=ocp.args.JsonRestore()))
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                         info=ocp.args.JsonRestore()))
+    except ValueError as e:  # Orbax names neither the leaf nor the cause (and suggests padding)
+        problems = _mismatches(mngr, step, target)
+        if not problems:
+            raise
+        raise ValueError(
+            f"The checkpoint at step {step} in {mngr.directory} does not fit the state this config "
+            f"builds: {'; '.join(problems[:8])}{'; ...' if len(problems) > 8 else ''}. The run that "
+            f"saved it used another config (e.g. data.num_train, the curriculum or its settings, "
+            f"the model): resume with that config or start in a fresh workdir.") from e
     return out.state, out.info
+
+
+def _path(keys) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
+
+
+def _mismatches(mngr, step: int, target) -> list[str]:
+    """Leaves of ``target`` missing from, extra to or shaped unlike the saved ``state``."""
+    try:
+        saved = ocp.StandardCheckpointHandler().metadata(
+            epath.Path(str(mngr.directory)) / str(step) / "state")
+    except Exception:  # noqa: BLE001 - no readable metadata: keep Orbax's own error
+        return []
+    saved = {_path(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(
+        getattr(saved, "tree", saved))}
+    wanted = {_path(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    out = [f"{k} is not in the checkpoint" for k in wanted if k not in saved]
+    out += [f"{k} is in the checkpoint but not in this state" for k in saved if k not in wanted]
+    for k in wanted.keys() & saved.keys():
+        a, b = saved[k], wanted[k]
+        if tuple(a.shape) != tuple(b.shape):
+            out.append(f"{k} saved with shape {tuple(a.shape)}, now {tuple(b.shape)}")
+    return sorted(out)
 
 
 def latest_step(workdir) -> int:
