@@ -489,6 +489,24 @@ def test_api_pytree_jit_and_validation(inp32):
     np.testing.assert_array_equal(g_ref, 0.0)
 
 
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_second_order_through_pallas_names_the_fix(impl):
+    h = jax.random.normal(jax.random.key(0), (16, 8))
+    w = jax.random.normal(jax.random.key(1), (8, 40))
+    t = jnp.arange(16) % 40
+
+    def loss(h, impl):
+        return -fused_lm_head(h, w, t, impl=impl, interpret=True).target_logprob.sum()
+
+    g = jax.grad(loss)(h, impl)  # first order works
+    np.testing.assert_allclose(g, jax.grad(loss)(h, "xla_chunked"), rtol=1e-5, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="impl='xla_chunked'"):
+        jax.grad(lambda h: jax.grad(loss)(h, impl).sum())(h)
+    with pytest.raises(NotImplementedError, match="impl='xla_chunked'"):
+        jax.hessian(loss)(h, impl)
+    assert jax.hessian(loss)(h, "xla_chunked").shape == (16, 8, 16, 8)
+
+
 # ----------------------------------------------------------------------------
 # memory: no [N, V] temporary
 # ----------------------------------------------------------------------------

@@ -50,8 +50,9 @@ saved per-row ``lse`` (and entropy / KL / reference lse), supporting
 cotangents on every float statistic at once.  ``d_hidden`` / ``d_weight`` come
 back in the input dtypes; accumulation is float32.  Reverse mode only
 (``jax.jvp`` of a ``custom_vjp`` is an error); higher orders work with
-``xla_chunked``, whose backward is plain JAX, but not through the Pallas
-backward kernels.
+``xla_chunked``, whose backward is plain JAX.  The Pallas impls are
+differentiable once: a second derivative raises ``NotImplementedError``
+naming ``impl="xla_chunked"``.
 
 Backward memory (``xla_chunked`` / ``pallas_gpu``): besides the gradients
 themselves the backward holds a float32 ``d_hidden`` accumulator (``4 N d``
@@ -158,6 +159,24 @@ def _bwd_rows(bwd_rows, h, w, opts):
     return bwd_rows
 
 
+def _first_order_only(kernel, impl):
+    """Second-order autodiff differentiates the custom_vjp's fwd and bwd themselves; through a
+    pallas_call that dies in a bare assert inside Pallas, so say what to do instead."""
+
+    @jax.custom_jvp
+    def call(*args):
+        return kernel(*args)
+
+    @call.defjvp
+    def _(primals, tangents):
+        raise NotImplementedError(
+            f"fused_lm_head(impl={impl!r}) is differentiable once (reverse mode): its kernels are "
+            "Pallas calls with no derivative. For higher-order gradients (jax.hessian, grad of grad) "
+            "pass impl='xla_chunked', whose backward is plain JAX.")
+
+    return call
+
+
 @functools.lru_cache(maxsize=None)
 def _make_fused(impl: str, opts: HeadOpts, block_n, block_v, block_d, bwd_rows, grad_filter_eps, interpret: bool):
     """Build the custom_vjp'd statistics function for one static configuration."""
@@ -192,6 +211,8 @@ def _make_fused(impl: str, opts: HeadOpts, block_n, block_v, block_d, bwd_rows, 
 
     else:  # pragma: no cover
         raise ValueError(impl)
+    if impl.startswith("pallas"):
+        fwd_state, bwd_grads = _first_order_only(fwd_state, impl), _first_order_only(bwd_grads, impl)
 
     def forward(h, w, hr, wr, targets, valid, row_hash):
         stats = xla.finalize(fwd_state(h, w, hr, wr, targets, row_hash), opts)
