@@ -189,6 +189,28 @@ def test_nft_loss_runs_in_the_rl_step(monkeypatch):
     assert (mode, t_max) == ("dr_grpo", cfg.rl.max_new_tokens) and width > t_max
 
 
+def test_lr_schedule_counts_train_steps_with_several_updates_per_step():
+    """inner_steps x minibatches optimizer updates per train step must not run the warmup-cosine
+    schedule that many times faster: every update of train step s uses the SFT schedule's lr(s)."""
+    from curriculax.train import optim
+
+    steps = 4
+    cfg = rl_config(**{"rl.inner_steps": 2, "rl.minibatches": 2, "steps": steps,
+                       "optimizer.warmup_steps": 2, "optimizer.end_lr_factor": 0.0,
+                       "optimizer.weight_decay": 0.0})
+    exp = build(cfg)
+    per_step = optim.schedule(cfg.optimizer, steps)  # one update per step: the plain schedule
+    # Adam on a constant gradient moves each entry by exactly lr (bias-corrected m / sqrt(v) = 1)
+    p = {"w": jnp.zeros((2, 3))}
+    opt_state = exp.optimizer.init(p)
+    for s in range(steps):
+        for _ in range(4):
+            upd, opt_state = exp.optimizer.update({"w": jnp.full((2, 3), 1e-3)}, opt_state, p)
+            np.testing.assert_allclose(-upd["w"], per_step(s), rtol=1e-4, atol=1e-9)
+    _, _, hist = _run_steps(cfg, steps)
+    np.testing.assert_allclose([h["lr"] for h in hist], [per_step(s) for s in range(steps)], rtol=1e-6)
+
+
 def test_rl_config_errors_name_the_field():
     with pytest.raises(ValueError, match="rl.rewards"):
         build(rl_config(**{"rl.rewards": (("no_such_reward", 1.0),)}))

@@ -74,7 +74,8 @@ def _rl_check(cfg):
 
 
 register("rl", Trainer(_rl_step, init_extra=_rl_extra, needs_ref=lambda c: c.rl.kl_coef > 0,
-                       check=_rl_check, tokens_per_step=_rollout_tokens))
+                       check=_rl_check, tokens_per_step=_rollout_tokens,
+                       updates_per_step=lambda c: int(c.rl.inner_steps) * int(c.rl.minibatches)))
 
 
 def _pair_check(cfg):

@@ -7,11 +7,18 @@ import optax
 
 
 def schedule(opt_config, total_steps: int) -> optax.Schedule:
+    """Warmup-cosine over ``total_steps`` train steps, as a function of optax's update count.
+
+    ``opt_config.updates_per_step`` (set by the trainer, e.g. RL's ``inner_steps x minibatches``;
+    default 1) maps updates back to train steps, so that warmup and decay follow
+    ``config.steps`` whatever the number of updates each step makes."""
     warmup = min(opt_config.warmup_steps, max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
+    per_step = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=opt_config.lr, warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=opt_config.lr * opt_config.end_lr_factor,
     )
+    k = int(opt_config.get("updates_per_step", 1))
+    return per_step if k == 1 else (lambda count: per_step(count // k))
 
 
 def decay_mask(params):

@@ -7,6 +7,7 @@ buffer directly where it belongs.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -125,10 +126,21 @@ def _rules(cfg) -> tuple:
     return tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.sharding_rules)
 
 
+def _with_updates_per_step(cfg, k: int):
+    """A copy of ``cfg`` whose ``optimizer.updates_per_step`` is ``k`` (read by ``optim.schedule``)."""
+    if k == 1:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with cfg.unlocked():
+        cfg.optimizer.updates_per_step = k
+    return cfg
+
+
 def build(cfg) -> Experiment:
     config_lib.validate(cfg)
     trainers.get(cfg.trainer).check(cfg)
     cfg = curricula.with_total_steps(cfg)  # curriculum.total_steps 0/absent -> cfg.steps
+    cfg = _with_updates_per_step(cfg, trainers.get(cfg.trainer).updates_per_step(cfg))
     m = cfg.mesh
     if jax.process_count() > 1 and m.num_devices not in (0, jax.device_count()):
         raise ValueError(f"config.mesh.num_devices={m.num_devices}: a multi-process run uses "

@@ -27,6 +27,8 @@ class Trainer(NamedTuple):
     make_bank: Callable | None = None
     # Tokens one step processes, for the logged tokens_per_s (default: batch x seq_len).
     tokens_per_step: Callable[[Any], int] = lambda cfg: cfg.batch_size * cfg.data.seq_len
+    # Optimizer updates one step makes; the lr schedule advances once per step regardless.
+    updates_per_step: Callable[[Any], int] = lambda cfg: 1
 
 
 _REGISTRY: Registry[Trainer] = Registry("trainer", "trainer")
