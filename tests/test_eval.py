@@ -1,5 +1,7 @@
 """Answer extraction and matching, and the decoding-based evaluator."""
 
+import re
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -42,6 +44,29 @@ def test_answers_match_normalizes_like_math_grading(predicted, reference, same):
     assert ev.answers_match(predicted, reference) is same
     if same:  # through extraction, as rewards.math_answer sees it
         assert ev.answers_match(ev.extract_answer(f"work\n#### {predicted}"), reference)
+
+
+@pytest.mark.parametrize("text,reference", [
+    ("She has 18 left, so the answer is 18, which is even.", "18"),  # the last number, no comma
+    ("The total is 1,000, so", "1000"),
+    ("Answer: 42,", "42"),
+])
+def test_last_number_excludes_a_trailing_comma(text, reference):
+    assert ev.answers_match(ev.extract_answer(text), reference)
+
+
+def test_math_thin_space_thousands_compare_numerically(shared_data):
+    """MATH writes ``10,\\!080``: the same number as ``10080`` and ``10,080``."""
+    from curriculax.data import jsonl
+
+    refs = [r["answer"] for r in jsonl.math(shared_data / "math" / "test1000.jsonl")]
+    spaced = [a for a in refs if re.fullmatch(r"-?\d{1,3}(,\\!\d{3})+", a)]
+    assert len(spaced) >= 5, spaced  # e.g. 10,\!080 and 3,\!110,\!400
+    for ref in spaced:
+        plain = ref.replace("\\!", "")
+        assert ev.answers_match(plain, ref) and ev.answers_match(plain.replace(",", ""), ref), ref
+        assert not ev.answers_match(plain.replace(",", "") + "1", ref)
+    assert ev.answers_match("15000", r"\$15,\!000")
 
 
 def test_summarize_groups():

@@ -150,6 +150,23 @@ def test_greedy_generate_matches_transformers(family_ckpt):
         np.testing.assert_array_equal(ours[row], ref[row], err_msg=f"{family} row {row}")
 
 
+def test_greedy_generate_right_padded_matches_transformers(family_ckpt):
+    """Right-padded prompts (mask given) decode as the left-padded ones transformers decodes."""
+    family, hf_model, path, _ = family_ckpt
+    model, _ = load_hf(path)
+    tokens, mask = padded_batch(seed=2, lengths=(12, 5, 9))
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                                max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None)
+    ref = ref[:, tokens.shape[1]:].numpy()
+    right, rmask = np.zeros_like(tokens), np.zeros_like(mask)
+    for i, n in enumerate(mask.sum(1)):
+        right[i, :n], rmask[i, :n] = tokens[i, -n:], 1
+    ours = np.asarray(generate(model, right, NEW_TOKENS, pad_id=0, prompt_mask=rmask))
+    np.testing.assert_array_equal(ours, ref, err_msg=family)
+
+
 def test_sharded_checkpoints(tmp_path):
     hf_model = make_hf_model("qwen2", seed=3)
     hf_model.save_pretrained(tmp_path / "hf", max_shard_size="40KB")

@@ -24,7 +24,7 @@ from curriculax.data.jsonl import last_boxed
 from curriculax.models.generate import generate
 
 _HASH = re.compile(r"####\s*(.+)")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_NUMBER = re.compile(r"-?\d+(?:,\d+)*(?:\.\d+)?|-?\.\d+")  # "18, so": no trailing comma
 
 
 def extract_answer(text: str) -> str | None:
@@ -44,7 +44,7 @@ _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 
 def _as_number(s: str) -> float | None:
     s = s.strip().rstrip(".")
-    for unit in ("\\$", "$", "\\%", "%"):
+    for unit in ("\\$", "$", "\\%", "%", "\\!"):  # MATH writes 10,\!080 for 10,080
         s = s.replace(unit, "")
     s = s.strip()
     if _THOUSANDS.fullmatch(s):  # 1,234 but not 3,5 (two answers) or 1,2,3

@@ -84,7 +84,8 @@ def decode_model(model, prompt_BxP, mask_BxP, rng, *, max_new_tokens: int, tempe
                          segment_ids=jnp.ones((b, 1), jnp.int32), cache=cache)
         return (cache, h[:, 0], pos_B + 1, done_B), (token, jnp.where(emitted, logp, 0.0), emitted)
 
-    init = (cache, hidden[:, -1], positions[:, -1] + 1, jnp.zeros((b,), bool))
+    last = p - 1 - jnp.argmax(seg[:, ::-1], axis=1)  # the last real token (any padding side)
+    init = (cache, hidden[jnp.arange(b), last], positions[:, -1] + 1, jnp.zeros((b,), bool))
     keys = jax.random.split(rng, max_new_tokens)
     _, (tokens, logps, emitted) = jax.lax.scan(step, init, keys)
     return Generation(tokens.T, logps.T, emitted.T)
@@ -117,7 +118,8 @@ def decode(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.
 def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, rng=None, eos_id: int | tuple[int, ...] | None = None, pad_id: int = 0,
              prompt_mask=None) -> jax.Array:
-    """Generates ``[B, max_new_tokens]`` tokens after left-padded prompts ``[B,P]``.
+    """Generates ``[B, max_new_tokens]`` tokens after left-padded prompts ``[B,P]`` (right
+    padding decodes the same: each row continues from its last real token).
 
     ``prompt_mask`` (True = real token) defaults to ``prompt_tokens != pad_id``. After a row
     emits ``eos_id`` (one id or a tuple of them) it is filled with ``pad_id``.
