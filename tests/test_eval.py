@@ -117,3 +117,24 @@ def test_evaluate_scores_known_generations(monkeypatch):
     assert out["accuracy/category/a"] == pytest.approx(2 / 3)  # rows 0, 2, 4
     assert out["accuracy/category/b"] == pytest.approx(1 / 2)  # rows 1, 3
     assert out["accuracy/difficulty/1"] == pytest.approx(2 / 3) and out["accuracy/difficulty/2"] == 0.5
+
+
+def test_evaluate_decodes_every_batch_at_one_prompt_width(monkeypatch):
+    """Prompts of different lengths in different batches: one [batch, width] shape, so
+    generation compiles once (a shape per batch recompiled the whole decoder each time)."""
+    tok = ByteTokenizer()
+    recs = [{"id": str(i), "prompt": "q" * (1 + 3 * i), "response": "#### 1", "answer": "1",
+             "category": "c", "difficulty": 1} for i in range(5)]
+    data = ExampleBank.build(recs, tok, seq_len=32)
+    shapes, rows = set(), []
+
+    def fake_generate(model, prompts, max_new_tokens, prompt_mask, **kw):
+        shapes.add(prompts.shape)
+        for p, m in zip(prompts, prompt_mask):
+            rows.append(tok.decode([int(t) for t in p[m]]))
+        return np.full((len(prompts), max_new_tokens), tok.pad_id)
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    ev.evaluate(None, data, tok, batch_size=2, max_new_tokens=4)
+    assert len(shapes) == 1
+    assert rows[:5] == [tok.decode(data.bank.tokens[i, :data.bank.prompt_len[i]].tolist()) for i in range(5)]

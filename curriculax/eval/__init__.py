@@ -120,14 +120,15 @@ def evaluate(model: nnx.Module, data: ExampleBank, tokenizer, *, batch_size: int
     """
     n = len(data) if limit is None else min(limit, len(data))
     correct = np.zeros(n, bool)
+    width = int(data.bank.prompt_len[:n].max()) if n else 0
     for lo in range(0, n, batch_size):
         idx = list(range(lo, min(lo + batch_size, n)))
         prompts, mask = data.prompts(idx)
-        if len(idx) < batch_size:  # fixed shapes: one compilation for every batch
-            pad = batch_size - len(idx)
-            prompts = np.pad(prompts, ((0, pad), (0, 0)), constant_values=data.info.pad_id)
-            mask = np.pad(mask, ((0, pad), (0, 0)))
-            mask[len(idx):, -1] = True
+        # fixed [batch_size, width] shapes: one compilation for every batch
+        pad = batch_size - len(idx), width - prompts.shape[1]
+        prompts = np.pad(prompts, ((0, pad[0]), (pad[1], 0)), constant_values=data.info.pad_id)
+        mask = np.pad(mask, ((0, pad[0]), (pad[1], 0)))
+        mask[len(idx):, -1] = True
         out = np.asarray(generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_id,
                                   pad_id=data.info.pad_id, prompt_mask=mask))
         for r, i in enumerate(idx):
