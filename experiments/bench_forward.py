@@ -1,6 +1,7 @@
 """Forward+backward throughput of the curriculax model vs the same shapes in transformers.
 
-    python experiments/bench_forward.py [--device=cpu|gpu] [--out experiments/results/forward.md]
+    python experiments/bench_forward.py [--device=cpu|gpu] [--models tiny,small_50m] [--repeats 5]
+        [--out experiments/results/forward.md]
 
 Both sides compute the same thing: logits of a [B,T] batch, mean cross-entropy, gradients of
 every parameter. JAX is timed after compilation on a jitted value_and_grad; torch is timed
@@ -81,15 +82,19 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     ap.add_argument("--out", default=None)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--models", default="tiny,small_50m", help="comma-separated, of tiny,small_50m")
     args = ap.parse_args()
+    models = args.models.split(",")
     gpu = args.device == "gpu"
     dtype = "bfloat16" if gpu else "float32"
     cases = [
         ("tiny", ModelConfig.tiny(dtype=dtype, param_dtype="float32"), 8, 128),
         ("small_50m", ModelConfig.small_50m(dtype=dtype, param_dtype="float32"), 8 if not gpu else 32, 256 if not gpu else 1024),
     ]
+    if unknown := set(models) - {c[0] for c in cases}:
+        raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from tiny,small_50m")
     rows = []
-    for name, cfg, batch, seq in cases:
+    for name, cfg, batch, seq in (c for c in cases if c[0] in models):
         tokens = batch * seq
         t_jax = bench_jax(cfg, batch, seq, args.repeats)
         t_torch = bench_torch(cfg, batch, seq, args.repeats, "cuda" if gpu else "cpu")

@@ -1,6 +1,6 @@
 """Step time and tokens/s of the full jitted train step (curriculum + loss + AdamW).
 
-    python experiments/bench_step.py [--device=cpu|gpu] [--out PATH]
+    python experiments/bench_step.py [--device=cpu|gpu] [--models tiny,small_50m] [--out PATH]
 
 Each (model, device count) runs in its own process so that the simulated device count
 (``--xla_force_host_platform_device_count``) can differ. Tokens/s counts every position of
@@ -59,8 +59,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--models", default="tiny,small_50m", help="comma-separated, of tiny,small_50m")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    models = args.models.split(",")
     if args.worker:
         print("RESULT " + json.dumps(worker(**json.loads(args.worker))))
         return
@@ -70,8 +72,10 @@ def main():
     else:
         cases = [("tiny", 1, 10, 32, 128, "float32"), ("tiny", 8, 10, 32, 128, "float32"),
                  ("small_50m", 1, 3, 8, 256, "float32"), ("small_50m", 8, 3, 8, 256, "float32")]
+    if unknown := set(models) - {c[0] for c in cases}:
+        raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from tiny,small_50m")
     rows = []
-    for model, devices, steps, batch, seq, dtype in cases:
+    for model, devices, steps, batch, seq, dtype in (c for c in cases if c[0] in models):
         env = dict(os.environ)
         if not gpu:
             env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"

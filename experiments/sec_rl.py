@@ -1,6 +1,9 @@
 """SEC on RL: GRPO with random vs easy-to-hard vs self-evolving curricula, after an SFT warm-up.
 
     python experiments/sec_rl.py [--seeds 3] [--task countdown] [--workdir runs/sec_rl]
+        [--warmup-steps N] [--rl-steps N] [--num-eval N] [--max-new-tokens N]
+
+The size flags (0 = the config's value) shrink a run for a smoke test.
 
 1. One SFT warm-up of the tiny byte-level model (``configs/sec_countdown.py:warmup``), so the
    policy solves some puzzles and GRPO has reward variance to learn from.
@@ -54,7 +57,7 @@ def load_configs():
     return mod
 
 
-def _configure(cfg, task, steps):
+def _configure(cfg, task, steps, sizes=None):
     if task != "countdown":  # e.g. arithmetic: same phases, its own answer reward
         cfg.data.source = task
         cfg.data.min_difficulty = cfg.data.eval_min_difficulty = 1
@@ -64,16 +67,21 @@ def _configure(cfg, task, steps):
     if steps:
         cfg.steps = steps
         cfg.eval_every = cfg.checkpoint_every = steps
+    sizes = sizes or {}
+    if sizes.get("num_eval"):
+        cfg.data.num_eval = cfg.eval.batch_size = sizes["num_eval"]
+    if sizes.get("max_new_tokens"):
+        cfg.rl.max_new_tokens = cfg.eval.max_new_tokens = sizes["max_new_tokens"]
     return cfg
 
 
-def warmup(mod, task, root, steps):
+def warmup(mod, task, root, steps, sizes):
     wd = root / "warmup"
     done = wd / "result.json"
     if done.exists():
         return wd, json.loads(done.read_text())
     shutil.rmtree(wd, ignore_errors=True)
-    cfg = _configure(mod.get_config("warmup"), task, steps)
+    cfg = _configure(mod.get_config("warmup"), task, steps, sizes)
     cfg.eval_at_start = False
     t0 = time.perf_counter()
     out = train_loop(cfg, wd)
@@ -83,13 +91,13 @@ def warmup(mod, task, root, steps):
     return wd, res
 
 
-def run_rl(mod, task, curriculum, seed, root, warm, steps):
+def run_rl(mod, task, curriculum, seed, root, warm, steps, sizes):
     wd = root / f"{curriculum}_s{seed}"
     done = wd / "result.json"
     if done.exists():
         return json.loads(done.read_text())
     shutil.rmtree(wd, ignore_errors=True)
-    cfg = _configure(mod.get_config(curriculum), task, steps)
+    cfg = _configure(mod.get_config(curriculum), task, steps, sizes)
     cfg.seed = seed
     if "seed" in cc.curriculum_defaults(cfg.curriculum.name):
         cfg.curriculum.seed = seed
@@ -106,14 +114,14 @@ def run_rl(mod, task, curriculum, seed, root, warm, steps):
     return res
 
 
-def rollout_throughput(mod, task, warm) -> dict:
+def rollout_throughput(mod, task, warm, sizes) -> dict:
     """Generated tokens/s of the jitted rollout alone (prompts x group x max_new_tokens)."""
     from flax import nnx
 
     from curriculax.rl.rollout import left_pad_prompts, rollout
     from curriculax.rl.trainers import prompt_width
 
-    cfg = _configure(mod.get_config("sec"), task, 0)
+    cfg = _configure(mod.get_config("sec"), task, 0, sizes)
     cfg.model.init_from = str(warm)
     exp = build(cfg)
     state = exp.init_state()
@@ -190,18 +198,22 @@ def main():
     ap.add_argument("--task", default="countdown")
     ap.add_argument("--warmup-steps", type=int, default=0)
     ap.add_argument("--rl-steps", type=int, default=0)
+    ap.add_argument("--num-eval", type=int, default=0, help="held-out puzzles (0: the config's)")
+    ap.add_argument("--max-new-tokens", type=int, default=0,
+                    help="rollout and eval decoding length (0: the config's)")
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "sec_rl"))
     ap.add_argument("--out", default=str(HERE / "results" / "sec_rl.md"))
     args = ap.parse_args()
     mod = load_configs()
     root = Path(args.workdir)
     t_all = time.perf_counter()
-    warm, warm_res = warmup(mod, args.task, root, args.warmup_steps)
+    sizes = {"num_eval": args.num_eval, "max_new_tokens": args.max_new_tokens}
+    warm, warm_res = warmup(mod, args.task, root, args.warmup_steps, sizes)
     print("warm-up:", warm_res, flush=True)
     seeds = list(range(args.seeds))
-    results = [run_rl(mod, args.task, c, s, root, warm, args.rl_steps)
+    results = [run_rl(mod, args.task, c, s, root, warm, args.rl_steps, sizes)
                for s in seeds for c in CURRICULA]
-    speed = rollout_throughput(mod, args.task, warm)
+    speed = rollout_throughput(mod, args.task, warm, sizes)
     diffs = sorted({k.split("/")[-1] for r in results for k in r if "/difficulty/" in k}, key=int)
     rows = []
     for c in CURRICULA:

@@ -6,13 +6,7 @@ checks the exit code and that the markdown it writes holds a table row. Sizes ar
 the whole file takes a few minutes on 2 CPU cores; what is not here and why:
 
 - ``triton_compile.py``: needs a GPU;
-- ``bench_step.py``: no flag to shrink it (four worker processes, two of them the 48M-parameter
-  ``small_50m`` model on 1 and 8 simulated devices);
-- ``bench_forward.py``: no size flag (``small_50m`` forward+backward in JAX and in transformers);
-- ``grad_filter.py``: full-vocabulary shapes whatever ``--rows``; ~45 s and ~6 GB of memory;
-- ``sec_rl.py`` (~95 s with 1 step per phase): its evaluations (96 held-out puzzles x 96 new
-  tokens, before and after each RL run) and its rollout-throughput section (6 rollouts of
-  64 x 96 tokens) use the config's full sizes, with no flag to shrink them.
+- ``grad_filter.py``: full-vocabulary shapes whatever ``--rows``; ~45 s and ~6 GB of memory.
 """
 
 from __future__ import annotations
@@ -113,3 +107,26 @@ def test_bench_curriculum_overhead(tmp_path):
          "--models", "micro", "--out", out)
     _has_table_row(out)
     assert "sec, host round trip" in out.read_text()
+
+
+@pytest.mark.slow  # ~30 s: the tiny model only, on 1 and 8 simulated devices (two workers)
+def test_bench_step(tmp_path):
+    out = tmp_path / "step.md"
+    _run("bench_step.py", "--models", "tiny", "--out", out)
+    _has_table_row(out)
+
+
+@pytest.mark.slow  # ~15 s: the tiny model in JAX and in transformers, one timed repeat
+def test_bench_forward(tmp_path):
+    out = tmp_path / "forward.md"
+    _run("bench_forward.py", "--models", "tiny", "--repeats", 1, "--out", out)
+    _has_table_row(out)
+
+
+@pytest.mark.slow  # ~60 s: warm-up + 3 curricula, 1 step each, 4 held-out puzzles, 8 new tokens
+def test_sec_rl(tmp_path):
+    out = tmp_path / "res" / "sec_rl.md"
+    _run("sec_rl.py", "--seeds", 1, "--warmup-steps", 1, "--rl-steps", 1, "--num-eval", 4,
+         "--max-new-tokens", 8, "--workdir", tmp_path / "runs", "--out", out)
+    _has_table_row(out)
+    assert (tmp_path / "res" / "sec_rl_q.png").is_file()
