@@ -169,6 +169,10 @@ def test_pacing_tie_break_is_seeded_and_value_mode():
     scores = tuple(float(-i) for i in range(1000))
     st = pacing.init(cfg(name="pacing", start=0.1, scores=scores, total_steps=10), meta)
     assert set(np.asarray(st.order)[:100].tolist()) == set(range(900, 1000))
+    # the logged frontier is the hardest eligible key, in the scores' own sign
+    assert float(pacing.pacing.summarize(st)["frontier"]) == -900.0
+    anti = pacing.init(cfg(name="pacing", start=0.3, anti=True, total_steps=10), meta)
+    assert float(pacing.pacing.summarize(anti)["frontier"]) == 7.0
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -191,6 +191,7 @@ class PacingState:
     pace: Pace = struct.field(pytree_node=False, default=Pace())
     mode: str = struct.field(pytree_node=False, default="fraction")
     key_range: tuple = struct.field(pytree_node=False, default=(0.0, 1.0))
+    anti: bool = struct.field(pytree_node=False, default=False)
 
 
 def init(config, meta: BankMeta) -> PacingState:
@@ -210,7 +211,8 @@ def init(config, meta: BankMeta) -> PacingState:
     key_range = (-hi, -lo) if cfg.anti else (lo, hi)
     return PacingState(order=order, sorted_key=keys[order],
                        counts=jnp.zeros((meta.num_examples,), jnp.int32),
-                       t=jnp.zeros((), jnp.int32), pace=pace, mode=cfg.mode, key_range=key_range)
+                       t=jnp.zeros((), jnp.int32), pace=pace, mode=cfg.mode, key_range=key_range,
+                       anti=bool(cfg.anti))
 
 
 def num_eligible(state: PacingState, frac=None) -> jax.Array:
@@ -238,7 +240,7 @@ def summarize(state: PacingState):
     frac = state.pace(state.t)
     n = num_eligible(state, frac)
     return {"fraction": frac, "eligible": n.astype(jnp.float32) / state.order.shape[0],
-            "frontier": jnp.abs(state.sorted_key[n - 1]),
+            "frontier": -state.sorted_key[n - 1] if state.anti else state.sorted_key[n - 1],
             "coverage": jnp.mean(state.counts > 0)}
 
 
