@@ -272,6 +272,22 @@ def test_resume_with_an_incompatible_state_names_what_changed(tmp_path):
     mngr.close()
 
 
+def test_resume_on_other_rows_is_refused_and_keeps_the_config(tmp_path):
+    """Another data seed gives a bank of the same size whose rows hold other examples: the
+    restored per-row curriculum state would silently describe the wrong rows."""
+    cfg = tiny_config(**{"curriculum.name": "pacing", "steps": 4, "stop_at": 2,
+                         "checkpoint_every": 2})
+    train_loop(cfg, tmp_path)
+    saved_config = (tmp_path / "config.json").read_text()
+    other = tiny_config(**{"curriculum.name": "pacing", "steps": 4, "checkpoint_every": 2,
+                           "seed": cfg.seed + 1})
+    with pytest.raises(ValueError, match=r"training data differs.*model.init_from="):
+        train_loop(other, tmp_path)
+    assert (tmp_path / "config.json").read_text() == saved_config  # the saving run's record
+    cfg.stop_at = 0
+    assert train_loop(cfg, tmp_path)  # the same data resumes
+
+
 def test_metrics_after_the_resumed_checkpoint_are_not_duplicated(tmp_path):
     """A process killed after step 5 but checkpointed at 3 resumes at 3: steps 4-5 are logged
     again, so the writer drops the first copies."""

@@ -20,6 +20,8 @@ pytree (rows split over the ``data``/``fsdp`` mesh axes) and no batch crosses th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Sequence
 
 import jax
@@ -96,6 +98,18 @@ class ExampleBank:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def fingerprint(self) -> str:
+        """Hash of which example sits in which row (id, prompt, category, difficulty): per-row
+        curriculum state restored from a checkpoint is only meaningful for the same rows.
+        Tokenization settings (seq_len, template, tokenizer) do not enter it."""
+        h = hashlib.sha256()
+        cats = self.info.category_names
+        for r, rid in enumerate(self.ids):
+            prompt = self.records[r].get("prompt", "") if self.records else ""
+            h.update(json.dumps([rid, prompt, cats[int(self.bank.category[r])],
+                                 int(self.bank.difficulty[r])]).encode())
+        return h.hexdigest()[:16]
 
     @classmethod
     def build(cls, records: Sequence[dict], tokenizer, seq_len: int, *, template: str = "plain",

@@ -64,6 +64,20 @@ def _judge(reward_name: str):
     return lambda text, record: fn(text, record) >= 1.0
 
 
+def _check_same_rows(saved: dict, info: dict, workdir) -> None:
+    """Per-row curriculum state (orders, counts, bandit values) indexes bank rows: refuse a
+    resume whose rows hold other examples, which would otherwise continue silently."""
+    was, now = saved.get("bank", {}).get("fingerprint"), info.get("bank", {}).get("fingerprint")
+    if was is not None and now is not None and was != now:
+        raise ValueError(
+            f"The training data differs from the run checkpointed in {workdir}: its rows now hold "
+            f"other examples ({saved['bank'].get('examples')} rows then, {info['bank']['examples']} "
+            f"now; fingerprint {was} vs {now}), so the restored curriculum state would describe "
+            f"the wrong rows. Resume with the saving run's data settings (data.*, seed; see its "
+            f"config.json), or start a fresh workdir with model.init_from={workdir} to continue "
+            f"from its weights on the new data.")
+
+
 def train(cfg, workdir) -> dict:
     """Trains per ``cfg`` in ``workdir``; returns the last logged train and eval metrics."""
     # Checkpoints, config.json and summary.json go to `workdir` (local or gs://, via epath);
@@ -71,24 +85,25 @@ def train(cfg, workdir) -> dict:
     workdir, local = epath.Path(str(workdir)), checkpoint.local_dir(workdir)
     lead = jax.process_index() == 0
     exp = setup.build(cfg)
-    if lead:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     mngr = checkpoint.manager(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
+    info = {} if exp.train_data is None else {"bank": {
+        "examples": len(exp.train_data), "truncated": exp.train_data.info.num_truncated,
+        "dropped": exp.train_data.info.num_dropped, "fingerprint": exp.train_data.fingerprint()}}
     if mngr.latest_step() is not None:
-        state, _ = checkpoint.restore(mngr, exp.abstract_state, exp.state_shardings)
+        state, saved = checkpoint.restore(mngr, exp.abstract_state, exp.state_shardings)
+        _check_same_rows(saved, info, workdir)
         log.info("restored checkpoint at step %d from %s", int(state.step), workdir)
     else:
         state = exp.init_state()
+    if lead:  # only once the checkpoint fits: a refused resume keeps the saving run's config.json
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     step = int(state.step)
     stop = cfg.stop_at or cfg.steps
     compiled = {}
     tokens_per_step = exp.trainer.tokens_per_step(cfg)  # RL: sampled completion slots
     writer = MetricWriter(local, resume_step=step) if lead else None
     last: dict = {}
-    info = {} if exp.train_data is None else {"bank": {
-        "examples": len(exp.train_data), "truncated": exp.train_data.info.num_truncated,
-        "dropped": exp.train_data.info.num_dropped}}
     for name, data in (("train", exp.train_data), ("held-out", exp.eval_data)):
         if data is not None and data.info.num_dropped > 0:  # rows that never reach the model
             log.warning("%s data: %d of %d records dropped as longer than data.seq_len=%d (%d "
