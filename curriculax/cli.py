@@ -66,10 +66,10 @@ def _train(cfg, workdir):
 def _eval(cfg, workdir):
     from curriculax.train import checkpoint, evaluate, setup
 
-    exp = setup.build(cfg)
     mngr = checkpoint.manager(workdir, async_save=False)
-    if mngr.latest_step() is None:
-        raise app.UsageError(f"No checkpoint in {workdir}/checkpoints: train first.")
+    if mngr.latest_step() is None:  # a missing file, not a usage error: one line, before any build
+        raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train first (or check --workdir).")
+    exp = setup.build(cfg)
     state, _ = checkpoint.restore(mngr, exp.abstract_state, exp.state_shardings)
     return {"step": int(state.step), **evaluate(exp, state.params)}
 
@@ -135,6 +135,9 @@ def _parse_flags(argv):
         sys.exit(f"curriculax: --config={flags.FLAGS['config'].config_filename}: cannot load it "
                  f"({lines[-1]}).")
     except flags.Error as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        if "Traceback (most recent call last):" in lines:  # a get_config(ARG) that raised: its last line
+            sys.exit(f"curriculax: {lines[0]} {lines[-1]}")
         sys.exit(f"curriculax: {e}")
 
 

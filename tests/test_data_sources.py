@@ -382,3 +382,56 @@ def test_generated_held_out_set_is_full_and_disjoint():
              eval_min_difficulty=2, eval_max_difficulty=2)
     train, held_out = load_records(c, 0)
     assert len(held_out) == 96 and not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
+
+
+def test_difficulty_filter_is_logged_and_an_empty_result_names_the_range(tmp_path, caplog):
+    """Records outside [min_difficulty, max_difficulty] used to vanish without a word; when none
+    was left the error blamed num_eval ("leaves no training data out of 0 records")."""
+    from curriculax.data.sources import load_records
+    from curriculax.train import quickstart_config
+
+    rows = [{**GOOD, "id": f"x{i}", "prompt": f"p{i}", "difficulty": i % 4} for i in range(12)]
+    path = _write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in rows])
+    c = quickstart_config().data  # difficulty 1..2
+    c.update(source="jsonl", path=str(path), eval_path="", num_train=0, num_eval=2)
+    with caplog.at_level("WARNING", logger="curriculax.data.sources"):
+        train, held_out = load_records(c, 0)
+    assert len(train) + len(held_out) == 6
+    assert "6 of 12 records" in caplog.text and "config.data.min_difficulty" in caplog.text
+    c.update(min_difficulty=5, max_difficulty=9)
+    with pytest.raises(ValueError, match=r"config.data.min_difficulty=5.*max_difficulty=9.*0\.\.3"):
+        load_records(c, 0)
+
+
+def test_num_eval_zero_reads_the_whole_eval_file(tmp_path):
+    """data.num_eval=0 with an eval file means all of it (like num_train=0), as the file loader
+    intends; it used to be cut to nothing ("ExampleBank.build got no records")."""
+    from curriculax.data.sources import load_records
+    from curriculax.train import quickstart_config
+
+    rows = [{**GOOD, "id": f"x{i}", "prompt": f"p{i}"} for i in range(6)]
+    train_path = _write_lines(tmp_path / "train.jsonl", [json.dumps(r) for r in rows[:4]])
+    eval_path = _write_lines(tmp_path / "test.jsonl", [json.dumps(r) for r in rows[4:]])
+    c = quickstart_config().data
+    c.update(source="jsonl", path=str(train_path), eval_path=str(eval_path), num_train=0, num_eval=0)
+    train, held_out = load_records(c, 0)
+    assert len(train) == 4 and [r["prompt"] for r in held_out] == ["p4", "p5"]
+    c.update(source="arithmetic", path="", eval_path="", num_train=8)
+    with pytest.raises(ValueError, match="config.data.num_eval=0"):
+        load_records(c, 0)
+
+
+def test_default_config_data_loads_and_generator_errors_name_config_fields():
+    """default_config() paired max_difficulty=8 with max_value=100, which 'mul' chains cannot
+    fit, so get_config("default") failed with the generator's own argument names."""
+    from curriculax.data.sources import load_records
+    from curriculax.train import default_config, quickstart_config
+
+    train, held_out = load_records(default_config().data, 0)
+    assert len(train) == 2000 and len(held_out) == 128 and max(r["difficulty"] for r in train) == 8
+    assert quickstart_config().data.max_value == 100  # the quickstart's data is unchanged
+    c = default_config().data
+    c.max_value = 100
+    with pytest.raises(ValueError, match=r"max_value=100 is too small.*max_steps is config\.data\.max_difficulty"
+                                         r".*max_value is config\.data\.max_value"):
+        load_records(c, 0)

@@ -168,3 +168,26 @@ def test_chat_template_that_renders_bos_gets_one_bos(hf_dir, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>",}')
     with pytest.raises(ValueError, match=r"tokenizer_config.json: invalid JSON .* line 1"):
         load_tokenizer(tmp_path)
+
+
+def test_explicit_null_bos_is_not_replaced_by_config_json(hf_dir, tmp_path):
+    """Qwen2.5 ships ``"bos_token": null`` in tokenizer_config.json and ``bos_token_id``
+    (<|endoftext|>) in config.json: transformers adds no BOS, so neither may the bank."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((hf_dir / name).read_bytes())
+    text_id = load_tokenizer(hf_dir).encode("<|endoftext|>")[0]
+    (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": text_id, "eos_token_id": text_id}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.bos_id is None and tok.eos_id == tok.encode("<|im_end|>")[0]
+    transformers = pytest.importorskip("transformers")
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True).bos_token_id is None
+
+
+def test_unreadable_tokenizer_json_names_the_file(tmp_path):
+    """A git-lfs pointer (or config.json) given as the tokenizer used to raise the Rust
+    library's bare Exception ("expected value at line 1 column 1"), which the CLI does not catch."""
+    file = tmp_path / "tokenizer.json"
+    file.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 7031645\n")
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not a Hugging Face tokenizer file") as err:
+        load_tokenizer(tmp_path)
+    assert str(file) in str(err.value)

@@ -332,3 +332,57 @@ def test_hf_path_weights_are_loaded_into_their_shardings_at_init_not_kept(tmp_pa
         (tmp_path / "hf" / "config.json").read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
     with pytest.raises(hf.CheckpointError, match="missing tensor"):
         build(tiny_config(**{"model.hf_path": str(tmp_path / "hf")}))
+
+
+def test_torn_last_metrics_line_does_not_block_the_resume(tmp_path):
+    """A process killed mid-write leaves half a line: the resume drops it (it is logged again)
+    instead of failing with a bare JSONDecodeError."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+    writer = metrics.MetricWriter(tmp_path, tensorboard=False, resume_step=1)
+    writer.write(2, {"loss": 0.5})
+    writer.close()
+    assert [(r["step"], r["loss"]) for r in metrics.read(tmp_path)] == [(1, 1.0), (2, 0.5)]
+
+
+@pytest.mark.parametrize("field,value", [("grad_accum", 0), ("batch_size", 0), ("eval.batch_size", 0),
+                                         ("eval.reward", "countdwon")])
+def test_bad_sizes_and_eval_judge_fail_before_training(field, value, tmp_path):
+    """grad_accum=0 was a ZeroDivisionError, batch_size=0 trained on empty batches, and a bad
+    eval.batch_size / eval.reward failed only at the first eval, after the steps since the last
+    checkpoint were computed (and lost)."""
+    with pytest.raises(ValueError, match=f"config.{field}"):
+        train_loop(tiny_config(**{field: value}), tmp_path)
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_rerunning_a_finished_run_keeps_its_summary(tmp_path):
+    """The same command again after the last step restores, runs nothing, and used to overwrite
+    summary.json with only {step, workdir}: the final loss and accuracy were gone."""
+    cfg = tiny_config(steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+    first = train_loop(cfg, tmp_path)
+    again = train_loop(cfg, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["loss"] == pytest.approx(first["loss"])
+    assert summary["eval/accuracy"] == first["eval/accuracy"] and again["loss"] == summary["loss"]
+
+
+def test_cli_config_argument_errors_are_one_line(tmp_path):
+    """A bad ``FILE:ARG`` used to print the whole traceback ml_collections embeds in its error."""
+    cases = {"--config=configs/sec_countdown.py:nosuch":
+                 "ValueError: configs/sec_countdown.py:nosuch: choose warmup or one of",
+             "--config=configs/gsm8k_sft.py:foo": "TypeError: get_config() takes 0 positional arguments"}
+    for arg, message in cases.items():
+        proc = _cli("train", f"--workdir={tmp_path}", arg)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and message in out and "Traceback" not in out, (arg, out)
+        assert len(out.strip().splitlines()) == 1, out
+
+
+def test_cli_eval_without_a_checkpoint_is_one_line(tmp_path):
+    """It used to print the module docstring and every flag's help (a UsageError) before the
+    one line that mattered, and only after building the whole experiment."""
+    proc = _cli("eval", f"--workdir={tmp_path / 'typo'}", "--config=configs/quickstart.py")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and out.strip().splitlines() == [
+        f"curriculax eval: No checkpoint in {tmp_path / 'typo'}/checkpoints: train first (or check --workdir).",
+        "(set CURRICULAX_DEBUG=1 for the traceback)"], out

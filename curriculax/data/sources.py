@@ -23,7 +23,14 @@ def _synthetic(make: Callable, min_key: str, max_key: str, extra: Callable = lam
         n = d.num_train if train else d.num_eval
         # Over-draw the eval set so that dropping training overlaps still leaves `num_eval`.
         n = n if train else overdraw * n
-        return make(n, seed if train else seed + 7919, **{min_key: lo, max_key: hi}, **extra(d))
+        try:
+            return make(n, seed if train else seed + 7919, **{min_key: lo, max_key: hi}, **extra(d))
+        except ValueError as err:  # the generator names its arguments: say which config fields they are
+            prefix = "" if train else "eval_"
+            fields = {min_key: f"{prefix}min_difficulty", max_key: f"{prefix}max_difficulty",
+                      **{k: k for k in extra(d)}}
+            raise ValueError(f"config.data.source={d.source!r}: {err} (" + ", ".join(
+                f"{arg} is config.data.{field}" for arg, field in fields.items()) + ")") from None
     return load
 
 
@@ -37,7 +44,19 @@ def _file(read: Callable):
         records = read(path)
         lo, hi = (d.min_difficulty, d.max_difficulty) if train else (
             d.eval_min_difficulty, d.eval_max_difficulty)
-        records = [r for r in records if lo <= r["difficulty"] <= hi]
+        kept = [r for r in records if lo <= r["difficulty"] <= hi]
+        if len(kept) < len(records):  # never silently: the default 1..8 can cut a file to nothing
+            field = "config.data." + ("" if train else "eval_")
+            diffs = [r["difficulty"] for r in records]
+            if not kept:
+                raise ValueError(f"{field}min_difficulty={lo} / {field}max_difficulty={hi} keep none of "
+                                 f"the {len(records)} records of {path} (difficulties {min(diffs)}.."
+                                 f"{max(diffs)}): widen the range.")
+            logging.getLogger(__name__).warning(
+                "%s: %d of %d records have a difficulty outside [%smin_difficulty, %smax_difficulty] = "
+                "[%d, %d]; they are left out.", path, len(records) - len(kept), len(records), field, field,
+                lo, hi)
+        records = kept
         limit = d.num_train if train else d.num_eval
         return records[:limit] if limit else records
     return load
@@ -122,7 +141,12 @@ def load_records(data_config, seed: int) -> tuple[list[dict], list[dict]]:
             logging.getLogger(__name__).warning(
                 "config.data.num_eval=%d: only %d held-out problems are not also training prompts "
                 "(small difficulty range?); evaluating on those.", data_config.num_eval, len(held_out))
-    held_out = held_out[: data_config.num_eval]
+    if data_config.num_eval > 0:  # 0: all of an eval file, as `_file` reads it
+        held_out = held_out[: data_config.num_eval]
+    if not held_out:
+        raise ValueError(f"config.data.num_eval={data_config.num_eval}: no held-out problems are left. Set "
+                         f"it >= 1 (0 means all only with config.data.eval_path); held-out prompts "
+                         f"that are also training prompts are dropped.")
     stage = data_config.get("curr_reft_stage", "")
     if stage:  # Curr-ReFT: the same problems recast as judge / choice / open questions
         from curriculax.rl import curr_reft

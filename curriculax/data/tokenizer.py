@@ -154,7 +154,8 @@ class HFTokenizer:
 
     Special tokens (``bos``/``eos``/``pad``/``mask``) come from
     ``tokenizer_config.json``, then ``special_tokens_map.json``, then the ids in
-    ``config.json``; ``pad`` falls back to ``eos``.  Explicit keyword arguments
+    ``config.json`` (not for a token that tokenizer_config sets to null, as Qwen2 does
+    its BOS); ``pad`` falls back to ``eos``.  Explicit keyword arguments
     (token strings) win.  ``vocab_size`` counts added tokens too.
     """
 
@@ -168,7 +169,12 @@ class HFTokenizer:
             raise FileNotFoundError(f"tokenizer file not found: {file} (expected a Hugging Face tokenizer.json)")
         folder = file.parent
         self.path = file
-        self._tok = _HFTokenizer.from_file(str(file))
+        try:
+            self._tok = _HFTokenizer.from_file(str(file))
+        except Exception as err:  # the Rust library raises a bare Exception without the path
+            raise ValueError(f"{file}: not a Hugging Face tokenizer file ({err}); point config.data.tokenizer "
+                             "at the model directory or its tokenizer.json (a git-lfs pointer needs "
+                             "'git lfs pull').") from None
         config = _read_json(folder / "tokenizer_config.json")
         special_map = _read_json(folder / "special_tokens_map.json")
         model_config = _read_json(folder / "config.json")
@@ -176,7 +182,11 @@ class HFTokenizer:
                        or _token_text(special_map.get(f"{kind}_token"))
                        for kind, explicit in (("bos", bos_token), ("eos", eos_token), ("pad", pad_token),
                                               ("mask", None), ("unk", None))}
-        ids = {kind: self._id(kind, text, model_config) for kind, text in self.tokens.items()}
+        # An explicit null in tokenizer_config.json means "no such token", as in transformers:
+        # Qwen2's "bos_token": null must not turn config.json's bos_token_id into a BOS.
+        nulled = {kind for kind in self.tokens if f"{kind}_token" in config and config[f"{kind}_token"] is None}
+        ids = {kind: None if text is None and kind in nulled else self._id(kind, text, model_config)
+               for kind, text in self.tokens.items()}
         if ids["eos"] is None:
             raise ValueError(f"{file}: no eos token found: set 'eos_token' in {folder / 'tokenizer_config.json'} "
                              "or pass HFTokenizer(..., eos_token=...)")

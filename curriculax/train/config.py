@@ -49,7 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.max_difficulty = 8
     c.data.eval_min_difficulty = 1
     c.data.eval_max_difficulty = 8
-    c.data.max_value = 100  # synthetic arithmetic operand bound
+    c.data.max_value = 1000  # synthetic arithmetic value bound ('mul' needs >= 2 * 2**max_difficulty)
     c.data.tokenizer = "byte"  # "byte" or a local HF tokenizer directory / tokenizer.json
     c.data.template = "plain"  # plain | chat
     c.data.seq_len = 128
@@ -179,6 +179,7 @@ def quickstart_config() -> ml_collections.ConfigDict:
         head_dim=32, max_seq_len=160)))
     c.data.num_train = 4000
     c.data.num_eval = 128
+    c.data.max_value = 100
     c.data.max_difficulty = 2
     c.data.eval_max_difficulty = 2
     c.data.seq_len = 160
@@ -205,8 +206,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
             value = value[part]
         if value in ("", None):
             raise ValueError(f"config.{name} is required by this config: pass --config.{name}=...")
-    if c.steps <= 0:
-        raise ValueError(f"config.steps={c.steps} must be positive.")
+    for name, value in (("steps", c.steps), ("batch_size", c.batch_size), ("grad_accum", c.grad_accum),
+                        ("eval.batch_size", c.eval.batch_size)):
+        if value <= 0:
+            raise ValueError(f"config.{name}={value} must be positive.")
     if c.batch_size % c.grad_accum:
         raise ValueError(
             f"config.batch_size={c.batch_size} must be divisible by config.grad_accum={c.grad_accum}."

@@ -60,6 +60,9 @@ def _judge(reward_name: str):
         return None
     from curriculax.rl import rewards
 
+    if reward_name not in rewards.names():
+        raise ValueError(f"config.eval.reward={reward_name!r} is unknown; choose one of "
+                         f"{rewards.names()} (empty: compare final answers).")
     fn = rewards.get(reward_name)
     return lambda text, record: fn(text, record) >= 1.0
 
@@ -85,6 +88,7 @@ def train(cfg, workdir) -> dict:
     workdir, local = epath.Path(str(workdir)), checkpoint.local_dir(workdir)
     lead = jax.process_index() == 0
     exp = setup.build(cfg)
+    _judge(cfg.eval.get("reward", ""))  # a typo fails now, not at the first eval, eval_every steps on
     mngr = checkpoint.manager(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
     info = {} if exp.train_data is None else {"bank": {
         "examples": len(exp.train_data), "truncated": exp.train_data.info.num_truncated,
@@ -104,6 +108,9 @@ def train(cfg, workdir) -> dict:
     tokens_per_step = exp.trainer.tokens_per_step(cfg)  # RL: sampled completion slots
     writer = MetricWriter(local, resume_step=step) if lead else None
     last: dict = {}
+    if step > 0 and (workdir / "summary.json").exists():  # resumed: carry on the run's summary
+        with contextlib.suppress(ValueError):  # (a finished run runs no step; a torn one is rewritten)
+            last.update(json.loads((workdir / "summary.json").read_text()))
     for name, data in (("train", exp.train_data), ("held-out", exp.eval_data)):
         if data is not None and data.info.num_dropped > 0:  # rows that never reach the model
             log.warning("%s data: %d of %d records dropped as longer than data.seq_len=%d (%d "

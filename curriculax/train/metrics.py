@@ -23,7 +23,9 @@ class MetricWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             lines = self.path.read_text().splitlines(keepends=True)
-            kept = [ln for ln in lines if not ln.strip() or json.loads(ln).get("step", 0) <= resume_step]
+            # a last line without its newline is a write the killed process never finished
+            whole = lines if not lines or lines[-1].endswith("\n") else lines[:-1]
+            kept = [ln for ln in whole if not ln.strip() or json.loads(ln).get("step", 0) <= resume_step]
             if len(kept) < len(lines):
                 tmp = self.path.with_suffix(".jsonl.tmp")
                 tmp.write_text("".join(kept))
