@@ -324,6 +324,17 @@ def test_shared_schedules_and_composition(bank):
     assert not np.any(masked & ~np.asarray(batch.reasoning_mask))
 
 
+def test_prefix_sampling_keeps_the_key_tokens_of_the_kept_targets(bank):
+    """token_weighted's answer key tokens read reasoning_mask[i + 1] for target i: the cut must
+    not turn the last kept reasoning target into a key token."""
+    from curriculax.objectives import token_weighted
+
+    batch = _batch(bank)
+    cut = ps.apply(batch, jax.random.PRNGKey(0), _ctx("prefix_sampling", ps.default_config(), step=0))
+    want = token_weighted.key_token_mask(batch) & cut.loss_mask
+    np.testing.assert_array_equal(token_weighted.key_token_mask(cut), want)
+
+
 def test_partial_transform_config_keeps_the_module_defaults(bank):
     """A config that sets only some fields keeps the module's other defaults (prefix sampling's
     linear warmup, not the schedule helper's constant fallback); unknown keys are errors."""

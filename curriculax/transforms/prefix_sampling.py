@@ -7,7 +7,8 @@ this is our adaptation; no paper default exists (**unverified**).
 
 Per row with ``n`` response targets, keep the first ``k = max(1, ceil(phi n))`` of them; the rest
 of the row is neither input nor target (tokens and targets become ``pad``, loss and reasoning
-masks false)::
+masks false, except ``reasoning_mask`` just after the last kept target, which still marks whether
+that target is a reasoning token)::
 
     f(step) = scheduled fraction (default: linear from start=0.25 to ratio=1.0 over
               warmup_ratio=0.5 of the run, then 1.0)
@@ -60,11 +61,14 @@ def prefix_sample(batch, fraction_B, pad_id: int):
     live = jnp.arange(t)[None] <= last[:, None]
     has_resp = batch.loss_mask.any(-1)[:, None]
     live = live | ~has_resp  # rows without a response stay as they are
+    # reasoning_mask[i + 1] also says whether target i is a reasoning token (token-weighted key
+    # tokens read it): keep it for the last kept target
+    live_next = live | (jnp.arange(t)[None] == last[:, None] + 1)
     return batch.replace(
         tokens=jnp.where(live, batch.tokens, pad_id),
         targets=jnp.where(live, batch.targets, pad_id),
         loss_mask=jnp.where(has_resp, keep, batch.loss_mask),
-        reasoning_mask=batch.reasoning_mask & live,
+        reasoning_mask=batch.reasoning_mask & live_next,
     )
 
 
