@@ -77,3 +77,32 @@ def test_init_adapters_split_each_covered_weight_exactly():
                                params["layers"]["0"]["mlp"]["up"], atol=1e-5)
     np.testing.assert_array_equal(residual["layers"]["0"]["mlp"]["down"],
                                   params["layers"]["0"]["mlp"]["down"])
+
+
+def test_prepare_counts_real_tokens_only(tmp_path, monkeypatch):
+    """The calibration mask covers each row's real input tokens, not the first padding slot."""
+    from curriculax.train import build
+
+    seen = []
+    monkeypatch.setattr(corda, "collect_covariances",
+                        lambda model, batches, pattern=None: (seen.extend(batches), {})[1])
+    cfg = tiny_config()
+    corda.prepare(cfg, tmp_path, rank=4, samples=16, batch_size=8)
+    tokens = np.concatenate([t for t, _ in seen])
+    mask = np.concatenate([m for _, m in seen])
+    pad = build(cfg).train_data.bank.info.pad_id
+    np.testing.assert_array_equal(mask, tokens != pad)
+
+
+def test_covariance_file_with_more_paths_than_the_targets(tmp_path):
+    """A rerun of prepare with narrower targets reuses the file: only the targets decompose."""
+    from curriculax.train import build
+
+    cfg = tiny_config()
+    corda.prepare(cfg, tmp_path, rank=4, samples=16, batch_size=8)  # every projection
+    narrow = corda.prepare(cfg, tmp_path, rank=4, targets=r"layers/\d+/attn/q$")
+    exp = build(narrow)
+    state = exp.init_state()
+    assert set(state.params["lora"]) == {"layers/0/attn/q", "layers/1/attn/q"}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5),
+                 exp.model_params(state.params), build(cfg).init_state().params)

@@ -182,3 +182,22 @@ def test_train_run_one_and_eight_devices(tmp_path):
     one, eight = ([r["loss"] for r in metrics.read(tmp_path / n) if "loss" in r] for n in runs)
     assert len(one) == len(eight) == 4 and np.all(np.isfinite(one))
     np.testing.assert_allclose(one, eight, rtol=1e-5, atol=1e-5)
+
+
+def test_init_from_a_plain_run_adds_the_experts(tmp_path):
+    """``model.init_from`` a run without experts (an SFT warm-up): its weights, new experts."""
+    from curriculax.train import build, checkpoint
+
+    plain = tiny_config(**{"steps": 1, "eval_every": 1, "checkpoint_every": 1})
+    train(plain, tmp_path / "sft")
+    cfg = tiny_config(**{"steps": 1})
+    cfg.model.init_from = str(tmp_path / "sft")
+    cfg.sparsity = sparsity.config("loramoe", experts=2)
+    params = _flat(build(cfg).init_state().params)
+    exp = build(plain)
+    mngr = checkpoint.manager(tmp_path / "sft", async_save=False)
+    sft = _flat(checkpoint.restore(mngr, exp.abstract_state, exp.state_shardings)[0].params)
+    for k, v in sft.items():
+        np.testing.assert_array_equal(params[k], v)
+    assert not np.any(params["layers/0/mlp/loramoe/up/b"])
+    assert np.any(params["layers/0/mlp/loramoe/up/a"])

@@ -204,9 +204,13 @@ def load_covariances(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {n: (z[f"{n}|c"], z[f"{n}|inv"]) for n in names}
 
 
-def init_from_file(params, path, rank: int, mode: str):
-    """``(residual params, adapters)`` from saved covariances, traceable inside ``jax.jit``."""
-    return _decompose_tree(params, load_covariances(path),
+def init_from_file(params, path, rank: int, mode: str, paths=None):
+    """``(residual params, adapters)`` from saved covariances, traceable inside ``jax.jit``;
+    ``paths`` (default: every path in the file) limits the weights that are decomposed."""
+    covariances = load_covariances(path)
+    if paths is not None:
+        covariances = {k: v for k, v in covariances.items() if k in paths}
+    return _decompose_tree(params, covariances,
                            lambda w, c: decompose_jnp(w, c[0], c[1], rank, mode))
 
 
@@ -243,8 +247,9 @@ def prepare(cfg, workdir, *, rank: int | None = None, mode: str | None = None,
             list(calibration), exp.tokenizer, cfg.data.seq_len, template=cfg.data.template)
         bank = data.bank
         n = min(samples, len(data))
-        real = (np.arange(bank.tokens.shape[1])[None, :]
-                < (bank.prompt_len[:, None] + bank.loss_mask.sum(-1, keepdims=True)))
+        # input positions: the prompt's, then those whose next token is the response's
+        real = (np.arange(bank.tokens.shape[1])[None, :] < bank.prompt_len[:, None]) | \
+            np.asarray(bank.loss_mask, bool)
         batches = [(bank.tokens[np.minimum(np.arange(lo, lo + batch_size), n - 1)],
                     real[np.minimum(np.arange(lo, lo + batch_size), n - 1)]
                     & (np.arange(lo, lo + batch_size) < n)[:, None])

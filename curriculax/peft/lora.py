@@ -159,7 +159,8 @@ def build(config, abstract_params) -> base.Sparsity:
             if float(cfg.alpha) != float(cfg.rank):
                 raise ValueError(f"sparsity.corda needs scale 1: set sparsity.alpha = "
                                  f"sparsity.rank = {cfg.rank} (got alpha={cfg.alpha}).")
-            residual, adapters = corda.init_from_file(params, cfg.corda, cfg.rank, cfg.corda_mode)
+            residual, adapters = corda.init_from_file(params, cfg.corda, cfg.rank, cfg.corda_mode,
+                                                      paths=set(shapes))
             missing = set(shapes) - set(adapters)
             if missing:
                 raise ValueError(f"sparsity.corda={cfg.corda!r} has no covariance for "

@@ -121,4 +121,7 @@ def load_params(workdir, abstract_params, shardings, step: int | None = None):
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)))
     mngr.close()
-    return out.state["params"]
+    # Leaves the checkpoint lacks come back as their ShapeDtypeStruct: left out (None), for the
+    # sparsity method's init_params to create (LoRAMoE experts, prefixes on a plain run).
+    return jax.tree.map(lambda x: None if isinstance(x, jax.ShapeDtypeStruct) else x,
+                        out.state["params"])

@@ -85,6 +85,10 @@ class Experiment:
                 self.model_config, rng)
             if self.sparsity is not None and self.sparsity.init_params is not None:
                 params = self.sparsity.init_params(params, jax.random.fold_in(rng, 3))
+            missing = sorted(set(_paths(self.abstract_state.params)) - set(_paths(params)))
+            if missing:  # leaves the starting checkpoint lacks and no init_params created
+                raise ValueError(f"The starting weights (config.model.init_from) lack "
+                                 f"{missing[:3]}{'...' if len(missing) > 3 else ''}.")
             masks = None if self.sparsity is None else self.sparsity.init_masks(
                 params, jax.random.fold_in(rng, 2))
             return TrainState(
@@ -248,6 +252,10 @@ def build(cfg) -> Experiment:
         exp.load_init_params = functools.partial(checkpoint.load_params, cfg.model.init_from,
                                                  model_params, param_shardings)
     return exp
+
+
+def _paths(tree) -> list[str]:
+    return [sparsity_lib.base.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def _abstract_state(exp: Experiment, abstract_params_state):
