@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -195,6 +196,9 @@ def test_write_jsonl_roundtrip_and_atomic(tmp_path):
     recs = [{**GOOD, "id": f"r{i}", "prompt": "Ünïcödé ✓ 数学"} for i in range(3)]
     out = jsonl.write_jsonl(recs, tmp_path / "sub" / "out.jsonl")
     assert list(jsonl.read_jsonl(out, required=FIELDS)) == recs
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() would make it, not mkstemp's 0600
     before = out.read_bytes()
     bad = recs[:2] + [{**GOOD, "difficulty": "hard"}]
     with pytest.raises(DataError) as err:

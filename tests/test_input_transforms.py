@@ -87,6 +87,16 @@ def test_masked_thought_only_touches_reasoning_and_hits_the_ratio(bank, selectio
     np.testing.assert_array_equal(np.asarray(full.tokens) == TOK.mask_id, span)
 
 
+def test_masked_thought_selections_agree_outside_the_unit_interval():
+    """A curriculum-supplied ratio outside [0, 1] saturates both rules (exact_count masked
+    nothing at ratio 1.5, where independent masks the whole span)."""
+    span = jnp.asarray(np.random.default_rng(0).random((4, 16)) < 0.6)
+    for ratio, want in ((1.5, span), (-0.5, jnp.zeros_like(span))):
+        for selection in mt.SELECTIONS:
+            got = mt.select_positions(span, jax.random.PRNGKey(1), ratio, selection)
+            np.testing.assert_array_equal(got, want, err_msg=f"{selection} at {ratio}")
+
+
 def test_masked_thought_ratio_from_curriculum_and_random_replacement(bank):
     batch = _batch(bank)
     cfg = mt.default_config()

@@ -183,6 +183,23 @@ def test_explicit_null_bos_is_not_replaced_by_config_json(hf_dir, tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True).bos_token_id is None
 
 
+def test_add_bos_token_false_adds_no_bos_to_rows(hf_dir, tmp_path):
+    """``"add_bos_token": false`` (a model trained without BOS) is honoured by the bank, as
+    transformers' encode honours it; the token itself stays known."""
+    from curriculax.data.bank import tokenize_record
+
+    (tmp_path / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    rec = {"prompt": "hi", "response": "#### 1"}
+    for add, first_is_bos in ((True, True), (False, False)):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+            {**config, "bos_token": "<|endoftext|>", "add_bos_token": add}))
+        tok = load_tokenizer(tmp_path)
+        assert tok.bos_id == tok.encode("<|endoftext|>")[0]
+        ids, _, _ = tokenize_record(rec, tok, "plain", add_bos=True)
+        assert (ids[0] == tok.bos_id) == first_is_bos
+
+
 def test_unreadable_tokenizer_json_names_the_file(tmp_path):
     """A git-lfs pointer (or config.json) given as the tokenizer used to raise the Rust
     library's bare Exception ("expected value at line 1 column 1"), which the CLI does not catch."""

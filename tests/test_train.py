@@ -345,7 +345,8 @@ def test_torn_last_metrics_line_does_not_block_the_resume(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("grad_accum", 0), ("batch_size", 0), ("eval.batch_size", 0),
-                                         ("eval.reward", "countdwon")])
+                                         ("eval.reward", "countdwon"), ("data.num_train", -1),
+                                         ("data.num_eval", -3)])
 def test_bad_sizes_and_eval_judge_fail_before_training(field, value, tmp_path):
     """grad_accum=0 was a ZeroDivisionError, batch_size=0 trained on empty batches, and a bad
     eval.batch_size / eval.reward failed only at the first eval, after the steps since the last

@@ -188,7 +188,8 @@ def tokenize_record(rec, tokenizer, template, add_bos):
     reasoning, answer_line = _split_response(rec["response"])
     prompt_ids = tokenizer.encode(prompt_text)
     # chat templates of Llama-3, Gemma, Mistral render {{ bos_token }} themselves: one BOS only
-    if add_bos and tokenizer.bos_id is not None and prompt_ids[:1] != [tokenizer.bos_id]:
+    if (add_bos and getattr(tokenizer, "add_bos", True) and tokenizer.bos_id is not None
+            and prompt_ids[:1] != [tokenizer.bos_id]):
         prompt_ids = [tokenizer.bos_id] + prompt_ids
     reasoning_ids = tokenizer.encode(reasoning) if reasoning else []
     answer_ids = (tokenizer.encode(answer_line) if answer_line else []) + [tokenizer.eos_id]

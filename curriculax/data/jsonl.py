@@ -67,6 +67,12 @@ def read_jsonl(path: PathLike, required: Sequence[str] = ()) -> Iterator[dict[st
         yield obj
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_jsonl(records: Iterable[Record], path: PathLike) -> Path:
     """Validate and write records as JSONL, atomically.
 
@@ -78,6 +84,7 @@ def write_jsonl(records: Iterable[Record], path: PathLike) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the data owner-only
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             for number, record in enumerate(records, start=1):
                 out.write(json.dumps(validate(record, source=str(target), line=number), ensure_ascii=False) + "\n")
@@ -167,7 +174,8 @@ def math(path: PathLike, *, limit: int | None = None,
             if unknown_level == "skip":
                 continue
             raise DataError(f"level {obj['level']!r} is not 'Level 1'..'Level 5'", source=src, line=number,
-                            field="level", fix="fix the level, or pass unknown_level='skip' to drop such lines")
+                            field="level", fix="fix the level in the file (read_math(..., unknown_level='skip') drops such lines "
+                                "when you call it yourself)")
         answer = (last_boxed(str(obj["solution"])) or "").strip()
         if not answer:
             raise DataError("no \\boxed{...} answer (or unbalanced braces)", source=src, line=number,

@@ -156,7 +156,8 @@ class HFTokenizer:
     ``tokenizer_config.json``, then ``special_tokens_map.json``, then the ids in
     ``config.json`` (not for a token that tokenizer_config sets to null, as Qwen2 does
     its BOS); ``pad`` falls back to ``eos``.  Explicit keyword arguments
-    (token strings) win.  ``vocab_size`` counts added tokens too.
+    (token strings) win.  ``vocab_size`` counts added tokens too.  ``add_bos`` follows
+    ``add_bos_token`` (default true): whether bank rows start with BOS.
     """
 
     def __init__(self, path: str | os.PathLike, *, bos_token: str | None = None, eos_token: str | None = None,
@@ -193,6 +194,9 @@ class HFTokenizer:
         if ids["pad"] is None:
             ids["pad"], self.tokens["pad"] = ids["eos"], self.tokens["eos"]
         self.bos_id, self.eos_id, self.pad_id, self.mask_id = ids["bos"], ids["eos"], ids["pad"], ids["mask"]
+        # Whether rows start with BOS (transformers' add_bos_token; absent means yes, and the
+        # bank never doubles a BOS that a chat template already wrote).
+        self.add_bos = bool(config.get("add_bos_token", True))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.chat_template = chat_template or _chat_template(folder, config)
 

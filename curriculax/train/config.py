@@ -210,6 +210,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                         ("eval.batch_size", c.eval.batch_size)):
         if value <= 0:
             raise ValueError(f"config.{name}={value} must be positive.")
+    for name in ("num_train", "num_eval"):
+        if c.data[name] < 0:
+            raise ValueError(f"config.data.{name}={c.data[name]} must be >= 0 (0: all records of a file).")
     if c.batch_size % c.grad_accum:
         raise ValueError(
             f"config.batch_size={c.batch_size} must be divisible by config.grad_accum={c.grad_accum}."

@@ -68,7 +68,9 @@ def select_positions(span_BxT, rng, ratio, selection: str = "independent") -> ja
     r_u, r_count = jax.random.split(rng)
     u = jax.random.uniform(r_u, span.shape)
     n = span.sum(-1).astype(jnp.float32)
-    count = jax.random.binomial(r_count, n, jnp.broadcast_to(jnp.asarray(ratio, jnp.float32), n.shape))
+    # clipped as the independent rule saturates (a curriculum may hand over any ratio)
+    p = jnp.clip(jnp.asarray(ratio, jnp.float32), 0.0, 1.0)
+    count = jax.random.binomial(r_count, n, jnp.broadcast_to(p, n.shape))
     rank = jnp.argsort(jnp.argsort(jnp.where(span, u, 2.0), axis=-1), axis=-1)
     return span & (rank < count[:, None])
 
