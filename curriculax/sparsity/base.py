@@ -173,9 +173,9 @@ def masked_dense(inner: optax.GradientTransformation) -> optax.GradientTransform
     """``inner`` restricted to boolean masks (``masks=`` at update, params-shaped, scalar or
     per-entry leaves): gradients outside the mask are zeroed *before* clipping (the global norm is
     the selected entries'), the optimizer state of frozen entries is left as it was (no moment
-    decay), and their update is exactly 0, decoupled weight decay included. State memory is that
-    of ``inner`` (dense); use the sparse-state transform of :mod:`curriculax.sparsity.lift` for
-    index-set masks."""
+    decay), and their update is exactly -0.0 (every bit kept), decoupled weight decay included.
+    State memory is that of ``inner`` (dense); use the sparse-state transform of
+    :mod:`curriculax.sparsity.lift` for index-set masks."""
 
     def update(updates, state, params=None, *, masks=None, **extra):
         del extra
@@ -183,7 +183,8 @@ def masked_dense(inner: optax.GradientTransformation) -> optax.GradientTransform
             return inner.update(updates, state, params)
         grads = jax.tree.map(lambda g, m: _where(m, g, jnp.zeros_like(g)), updates, masks)
         new_updates, new_state = inner.update(grads, state, params)
-        new_updates = jax.tree.map(lambda u, m: _where(m, u, jnp.zeros_like(u)), new_updates,
+        # -0.0, not 0.0: p + (-0.0) is p bit for bit, even for a frozen p = -0.0
+        new_updates = jax.tree.map(lambda u, m: _where(m, u, jnp.full_like(u, -0.0)), new_updates,
                                    masks)
         state_masks = optax.tree_map_params(inner, lambda _, m: m, state, masks,
                                             transform_non_params=lambda _: jnp.bool_(True))

@@ -176,13 +176,14 @@ def compact(tree, masks, plan_tree):
 
 
 def scatter(compact_updates, masks, params, plan_tree):
-    """Dense updates: selected entries from ``compact_updates``, exactly ``0`` elsewhere."""
+    """Dense updates: selected entries from ``compact_updates``, exactly ``-0.0`` elsewhere
+    (which leaves every frozen bit pattern, ``-0.0`` included, as it was)."""
     def one(lp: LeafPlan, u, m, p):
         if lp.kind == "sparse":
-            return jnp.zeros(p.size, p.dtype).at[m].set(u.astype(p.dtype)).reshape(p.shape)
+            return jnp.full(p.size, -0.0, p.dtype).at[m].set(u.astype(p.dtype)).reshape(p.shape)
         if lp.kind == "dense":
             return u.astype(p.dtype)
-        return jnp.zeros_like(p)
+        return jnp.full_like(p, -0.0)
     return _pmap(one, plan_tree, compact_updates, masks, params)
 
 
