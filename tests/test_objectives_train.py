@@ -86,3 +86,30 @@ def test_grad_accumulation_draws_the_full_batch_samples(case):
                                   "prefix_sampling", "ul2"])
 def test_trains_without_nans_slow(case):
     test_trains_without_nans(case)
+
+
+def test_scheduled_sampling_runs_its_sampling_head_like_the_loss_head(monkeypatch):
+    """Pass 1's sampling head goes through the step's placement (mesh, rules, shard_map): under
+    shard_map on 8 devices, as a Pallas kernel must be, with the 1-device samples."""
+    from curriculax.kernels import sharded
+
+    calls, inner = [], sharded.sharded_lm_head
+
+    def spy(*args, **kw):
+        calls.append("sample_rng" in kw)
+        return inner(*args, **kw)
+
+    monkeypatch.setattr(sharded, "sharded_lm_head", spy)
+    objective = quickstart_config().objective
+    objective.shard_map = "always"
+    _, s1, m1 = _run("scheduled_sampling", steps=1, batch_size=8)
+    _, s8, m8 = _run("scheduled_sampling", steps=1, batch_size=8, objective=objective,
+                     mesh=_mesh8())
+    assert calls.count(True) >= 1 and calls.count(False) >= 1  # pass 1 and the loss
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+
+
+def _mesh8():
+    c = quickstart_config().mesh
+    c.num_devices, c.data = 8, 8
+    return c

@@ -176,7 +176,8 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
             model_ctx = transforms.TransformContext(
                 step=state.step, total_steps=config.steps, curriculum=state.curriculum,
                 config=config.transform_config.get(embed_hooks[0][0]),
-                mask_id=bank.info.mask_id, pad_id=bank.info.pad_id)
+                mask_id=bank.info.mask_id, pad_id=bank.info.pad_id, mesh=mesh, rules=rules,
+                shard_map=sharded["shard_map"])
         (loss, (ex_loss, ex_acc)), grads = gradients(state, batch, weights, loss_rng, model_ctx)
         probed = probe(state, probe_rng, bank, meta)
         mask_kw = {} if state.masks is None else {"masks": state.masks}

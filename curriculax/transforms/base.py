@@ -29,6 +29,11 @@ class TransformContext:
     # micro-batch holds a strided subset); None: arange(B). Randomness drawn per row from them
     # (row_uniform, sample_rows) is the same whatever grad_accum.
     rows: Any = None
+    # How the step places the LM-head kernel on its mesh (``lm_head_stats``' mesh, rules and
+    # shard_map), for transforms that run the head themselves (scheduled sampling's pass 1).
+    mesh: Any = struct.field(pytree_node=False, default=None)
+    rules: tuple = struct.field(pytree_node=False, default=())
+    shard_map: str = struct.field(pytree_node=False, default="auto")
 
 
 def batch_rows(ctx: TransformContext, batch_size: int) -> jax.Array:

@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from curriculax.kernels import fused_lm_head
 from curriculax.kernels.gumbel import token_rows
+from curriculax.objectives.base import lm_head_stats
 from curriculax.transforms.base import Transform, batch_rows, register, row_uniform, transform_config
 from curriculax.transforms.masked_thought import response_input_mask
 from curriculax.transforms.schedule import from_config
@@ -93,9 +93,11 @@ def p_gold_at(cfg, ctx) -> jax.Array:
     return jnp.clip(from_config(cfg, "p_gold", ctx), 0.0, 1.0)
 
 
-def predicted_embeddings(model, batch, rng, cfg, rows_B=None) -> jax.Array:
+def predicted_embeddings(model, batch, rng, cfg, rows_B=None, placement=None) -> jax.Array:
     """``[B,T,d]``: the embedding of the pass-1 prediction made at ``t-1``, for input ``t``;
-    ``rows_B``: the rows' positions in the full batch (their sampling noise counters)."""
+    ``rows_B``: the rows' positions in the full batch (their sampling noise counters);
+    ``placement``: ``lm_head_stats``' ``mesh`` / ``rules`` / ``shard_map`` (a Pallas kernel on a
+    multi-device mesh must run under shard_map, like the loss's)."""
     prediction = cfg.get("prediction", "sample")
     temperature = float(cfg.get("temperature", 1.0))
     table = model.embed[...]
@@ -103,13 +105,12 @@ def predicted_embeddings(model, batch, rng, cfg, rows_B=None) -> jax.Array:
     b, t, d = hidden.shape
     if prediction == "sample":
         weight, layout = model.head_weight()
-        stats = fused_lm_head(hidden.reshape(b * t, d), jax.lax.stop_gradient(weight),
-                              batch.targets.reshape(-1), where=batch.loss_mask.reshape(-1),
+        stats = lm_head_stats(hidden, jax.lax.stop_gradient(weight), batch.targets, batch.loss_mask,
                               sample_rng=rng, temperature=temperature,
-                              sample_rows=None if rows_B is None else token_rows(rows_B, t).reshape(-1),
-                              impl=cfg.get("impl", "auto"),
-                              weight_layout=layout)
-        pred = jnp.take(table, stats.sampled_token.reshape(b, t), axis=0)
+                              sample_rows=None if rows_B is None else token_rows(rows_B, t),
+                              impl=cfg.get("impl", "auto"), weight_layout=layout,
+                              **(placement or {}))
+        pred = jnp.take(table, stats.sampled_token, axis=0)
     elif prediction in ("argmax", "soft"):
         logits = jax.lax.stop_gradient(model.logits(hidden))
         if prediction == "argmax":
@@ -142,7 +143,8 @@ def embed(model, batch, rng, ctx) -> jax.Array:
     gold = jnp.take(model.embed[...], batch.tokens, axis=0)
     b, t = batch.tokens.shape
     rows = batch_rows(ctx, b)
-    pred = predicted_embeddings(model, batch, r_pred, cfg, rows)
+    pred = predicted_embeddings(model, batch, r_pred, cfg, rows,
+                                dict(mesh=ctx.mesh, rules=ctx.rules, shard_map=ctx.shard_map))
     p_gold = p_gold_at(cfg, ctx)
     use_pred = response_input_mask(batch) & (row_uniform(r_coin, rows, t) >= p_gold)
     return mix_embeddings(gold, pred, use_pred, cfg.get("mix", "mean"), float(cfg.get("gate", 0.5)))
