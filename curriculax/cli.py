@@ -118,7 +118,9 @@ def main(argv):
             raise
         sys.exit(f"curriculax {command}: {e}\n(set CURRICULAX_DEBUG=1 for the traceback)")
     if command != "quickstart":
-        json.dump(result, sys.stdout, indent=2, default=float)
+        # vector metrics (a curriculum's per-arm values) as lists, as in summary.json
+        json.dump(result, sys.stdout, indent=2,
+                  default=lambda v: v.tolist() if hasattr(v, "tolist") else float(v))
         print()
 
 

@@ -121,6 +121,21 @@ def test_two_processes_equal_one_process_and_restore_in_one(tmp_path):
     np.testing.assert_array_equal(jax.device_get(restored.rng), reference.rng)
 
 
+def test_two_processes_train_a_curriculum_that_reads_the_bank_at_init(tmp_path):
+    """SEC builds its arms from the bank's categories at init: in two processes the global
+    bank spans both, so init_state must take it as an argument (jit cannot embed it), and its
+    vector metrics must reach the CLI's JSON result. Tensor parallel inside each process."""
+    run = {**_RUN, "steps": 2, "eval_every": 2, "checkpoint_every": 2, "curriculum.name": "sec",
+           "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2}
+    _two_process_train({**run, "mesh.num_devices": 0}, tmp_path / "two")
+    exp = build(tiny_config(**{**run, "mesh.num_devices": 4}))
+    state, step, one = exp.init_state(), exp.step_fn(1), []
+    for _ in range(2):
+        state, m = step(state, exp.bank)
+        one.append(float(m["loss"][-1]))
+    np.testing.assert_allclose(_losses(tmp_path / "two"), one, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_two_processes_streaming_pools_equal_one_process(tmp_path):
     stream = {**_RUN, **_MESH, "data.pool_size": 16, "steps_per_dispatch": 2, "log_every": 2}
@@ -131,11 +146,14 @@ def test_two_processes_streaming_pools_equal_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_on_one_host_stops_every_host_at_one_checkpoint(tmp_path):
+@pytest.mark.parametrize("steps_per_dispatch", [1, 2])
+def test_sigterm_on_one_host_stops_every_host_at_one_checkpoint(tmp_path, steps_per_dispatch):
     """A preemption notice reaching one process only: both agree on a step, checkpoint it
-    together and exit cleanly (no host left waiting in a collective)."""
+    together and exit cleanly (no host left waiting in a collective). Several steps per
+    dispatch too: JAX's sync point is the largest count reported plus one."""
     run = {**_RUN, **_MESH, "mesh.num_devices": 0, "steps": 400, "eval_every": 400,
-           "checkpoint_every": 400}
+           "checkpoint_every": 400, "steps_per_dispatch": steps_per_dispatch,
+           "log_every": steps_per_dispatch}
     port = _free_port()
     procs = [_launch(_multi_flags(run, tmp_path, port, 2, pid)) for pid in range(2)]
     try:

@@ -241,8 +241,9 @@ def reached_preemption(step: int) -> bool:
     Multi-process only (always False in a single process, whose loop has its own handler).
     JAX's preemption service catches the signal on the host that receives it and picks a step
     all processes reach, so they stop, checkpoint together and exit -- rather than one host
-    leaving the collective step while the others wait for it. Call it with the same,
-    increasing ``step`` on every process.
+    leaving the collective step while the others wait for it. Call it with the same
+    ``step`` on every process, counting up by one per call (the sync point is one past the
+    largest value any process reported, so a counter that skips values may never meet it).
     """
     if jax.process_count() == 1:
         return False

@@ -153,13 +153,15 @@ def train(cfg, workdir) -> dict:
 
     with _preemption_flag(handler=jax.process_count() == 1) as preempt:
         upcoming = exp.data_for(step, dispatch_size(step)) if step < stop else None
+        dispatches = 0  # JAX's preemption sync point is one past the largest count reported
         while step < stop and not preempt["stop"]:
             k = dispatch_size(step)
             if k not in compiled:
                 compiled[k] = exp.step_fn(k)
             state, metrics = compiled[k](state, upcoming)
             step += k
-            preempt["stop"] |= distributed.reached_preemption(step)  # multi-process
+            dispatches += 1  # not `step`: with steps_per_dispatch > 1 it would skip that point
+            preempt["stop"] |= distributed.reached_preemption(dispatches)  # multi-process
             if step < stop:  # prepared while the devices run the dispatch above
                 upcoming = exp.data_for(step, dispatch_size(step))
             steps_since += k

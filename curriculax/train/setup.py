@@ -77,10 +77,12 @@ class Experiment:
     def init_state(self) -> TrainState:
         """A fresh state, created directly in its sharded layout."""
         cfg = self.config
-        meta = self.bank.meta()
         init_params = None if self.load_init_params is None else self.load_init_params()
 
-        def init(rng, params_in):
+        # The bank is an argument, not a closed-over constant: a multi-process run's global
+        # bank spans other processes' devices, which jit cannot embed.
+        def init(rng, params_in, bank):
+            meta = bank.meta()
             params = params_in if params_in is not None else _random_params(
                 self.model_config, rng)
             if self.sparsity is not None and self.sparsity.init_params is not None:
@@ -100,7 +102,7 @@ class Experiment:
             )
 
         rng = jax.random.PRNGKey(cfg.seed)
-        return jax.jit(init, out_shardings=self.state_shardings)(rng, init_params)
+        return jax.jit(init, out_shardings=self.state_shardings)(rng, init_params, self.bank)
 
     def model_params(self, params):
         """The model's plain weights from the trained ``params`` (merges LoRA adapters)."""
