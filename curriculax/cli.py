@@ -66,8 +66,9 @@ def _train(cfg, workdir):
 def _eval(cfg, workdir):
     from curriculax.train import checkpoint, evaluate, setup
 
-    mngr = checkpoint.manager(workdir, async_save=False)
-    if mngr.latest_step() is None:  # a missing file, not a usage error: one line, before any build
+    missing = not checkpoint.is_remote(workdir) and not os.path.isdir(os.path.join(workdir, "checkpoints"))
+    mngr = None if missing else checkpoint.manager(workdir, async_save=False)  # (it creates the folder)
+    if mngr is None or mngr.latest_step() is None:  # a missing file, not a usage error: one line, before any build
         raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train first (or check --workdir).")
     exp = setup.build(cfg)
     state, _ = checkpoint.restore(mngr, exp.abstract_state, exp.state_shardings)
@@ -118,9 +119,9 @@ def main(argv):
             raise
         sys.exit(f"curriculax {command}: {e}\n(set CURRICULAX_DEBUG=1 for the traceback)")
     if command != "quickstart":
-        # vector metrics (a curriculum's per-arm values) as lists, as in summary.json
-        json.dump(result, sys.stdout, indent=2,
-                  default=lambda v: v.tolist() if hasattr(v, "tolist") else float(v))
+        from curriculax.train.metrics import to_python  # vector metrics (per-arm values) as lists
+
+        json.dump(result, sys.stdout, indent=2, default=to_python)
         print()
 
 

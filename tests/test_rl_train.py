@@ -237,6 +237,15 @@ def test_init_from_restores_the_warmup_params(tmp_path):
         build(rl_config(**{"model.init_from": str(tmp_path / "missing")}))
 
 
+def test_init_from_a_run_with_another_model_names_the_leaf_and_the_field(tmp_path):
+    """A warm-up trained at another size failed with Orbax's own error (two shapes, advice to
+    enable padding), naming neither the parameter nor config.model.init_from."""
+    train_loop(tiny_config(steps=2, checkpoint_every=2, eval_every=2), tmp_path / "sft")
+    cfg = rl_config(**{"model.init_from": str(tmp_path / "sft"), "model.hidden_size": 32})
+    with pytest.raises(ValueError, match=r"model.init_from=.*params/.* saved with shape .*64.*, now .*32"):
+        build(cfg).init_state()
+
+
 def _pairs_file(tmp_path, n=24, seed=0):
     """Arithmetic records with a wrong answer as the rejected response."""
     import json

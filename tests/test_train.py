@@ -207,6 +207,46 @@ def test_quickstart_command_end_to_end(tmp_path):
     assert summary["step"] == 8 and np.isfinite(summary["loss"])
 
 
+def test_train_command_prints_vector_curriculum_metrics(tmp_path):
+    """`curriculax train` with SEC (per-arm `curriculum/q`) trained, then died in a traceback
+    printing its result: json.dump's `default=float` cannot convert a vector."""
+    proc = _cli("train", f"--workdir={tmp_path}", "--config=configs/quickstart.py",
+                *_flags({**TINY_FLAGS, "steps": 2, "eval_every": 2, "checkpoint_every": 2,
+                         "plots": False}), "--config.curriculum.name=sec")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    result = json.loads(out[out.index("{"):])
+    assert result["step"] == 2 and isinstance(result["curriculum/q"], list)
+
+
+def test_training_plot_shows_losses_at_or_below_zero(tmp_path, monkeypatch):
+    """GRPO losses are around 0, of either sign: the log-scaled loss panel of training.png
+    dropped every value <= 0 (an RL run's panel was empty)."""
+    from curriculax.train import plots
+
+    writer = metrics.MetricWriter(tmp_path, tensorboard=False)
+    for step, loss in enumerate([0.0, -0.02, 0.01, 0.0], start=1):
+        writer.write(step, {"loss": loss})
+    writer.close()
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    plots.draw(tmp_path)
+    ax = figures[0].axes[0]
+    ys = ax.get_lines()[0].get_ydata()
+    assert list(ys) == [0.0, -0.02, 0.01, 0.0] and ax.get_yscale() == "linear"
+
+
+def test_vector_metrics_reach_tensorboard(tmp_path):
+    """Per-arm curriculum values (SEC's `curriculum/q`) reached metrics.jsonl and curriculum.png
+    but not TensorBoard, which only took ints and floats."""
+    writer = metrics.MetricWriter(tmp_path)
+    calls = []
+    writer._tb.add_scalar = lambda key, value, step: calls.append((key, value, step))
+    writer.write(3, {"loss": 1.5, "curriculum/q": np.array([0.25, 0.5])})
+    writer.close()
+    assert sorted(calls) == [("curriculum/q/0", 0.25, 3), ("curriculum/q/1", 0.5, 3), ("loss", 1.5, 3)]
+
+
 def test_streaming_pools_same_structure_and_exact_resume(tmp_path):
     cfg = tiny_config(**{"data.pool_size": 16, "steps_per_dispatch": 2, "steps": 6,
                          "log_every": 2, "eval_every": 6, "checkpoint_every": 6})
@@ -387,3 +427,4 @@ def test_cli_eval_without_a_checkpoint_is_one_line(tmp_path):
     assert proc.returncode != 0 and out.strip().splitlines() == [
         f"curriculax eval: No checkpoint in {tmp_path / 'typo'}/checkpoints: train first (or check --workdir).",
         "(set CURRICULAX_DEBUG=1 for the traceback)"], out
+    assert not (tmp_path / "typo").exists()  # it used to leave an empty typo/checkpoints/ behind

@@ -61,10 +61,15 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, shardings, step: int | 
             raise
         raise ValueError(
             f"The checkpoint at step {step} in {mngr.directory} does not fit the state this config "
-            f"builds: {'; '.join(problems[:8])}{'; ...' if len(problems) > 8 else ''}. The run that "
+            f"builds: {_listing(problems)}. The run that "
             f"saved it used another config (e.g. data.num_train, the curriculum or its settings, "
             f"the model): resume with that config or start in a fresh workdir.") from e
     return out.state, out.info
+
+
+def _listing(problems: list[str], most: int = 8) -> str:
+    more = f" (and {len(problems) - most} more)" if len(problems) > most else ""
+    return "; ".join(problems[:most]) + more
 
 
 def _path(keys) -> str:
@@ -118,9 +123,19 @@ def load_params(workdir, abstract_params, shardings, step: int | None = None):
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract_params, shardings)
     restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)))
-    mngr.close()
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)))
+    except ValueError as e:  # Orbax names neither the leaf nor the field (and suggests padding)
+        problems = [p for p in _mismatches(mngr, step, {"params": target}) if "saved with shape" in p]
+        if not problems:
+            raise
+        raise ValueError(
+            f"config.model.init_from={str(workdir)!r}: its params do not fit the model this config "
+            f"builds: {_listing(problems)}. Use the model "
+            f"settings (model.*) of the run that saved it (its config.json).") from e
+    finally:
+        mngr.close()
     # Leaves the checkpoint lacks come back as their ShapeDtypeStruct: left out (None), for the
     # sparsity method's init_params to create (LoRAMoE experts, prefixes on a plain run).
     return jax.tree.map(lambda x: None if isinstance(x, jax.ShapeDtypeStruct) else x,

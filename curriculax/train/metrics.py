@@ -45,6 +45,10 @@ class MetricWriter:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
+                elif isinstance(v, list) and np.asarray(v).dtype.kind in "biuf":
+                    # a vector (per-arm values): one scalar each, k/0, k/1, ... (as curriculum.png)
+                    for j, x in enumerate(np.ravel(v).tolist()):
+                        self._tb.add_scalar(f"{k}/{j}", x, step)
 
     def close(self) -> None:
         self._file.close()

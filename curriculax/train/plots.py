@@ -27,8 +27,11 @@ def draw(workdir) -> list[pathlib.Path]:
     out = []
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].plot(*_series(records, "loss"), label="train loss")
-    axes[0].set_xlabel("step"), axes[0].set_title("loss"), axes[0].set_yscale("log")
+    steps, losses = _series(records, "loss")
+    axes[0].plot(steps, losses, label="train loss")
+    axes[0].set_xlabel("step"), axes[0].set_title("loss")
+    if losses and min(losses) > 0:  # a log axis would drop RL's losses at or below 0
+        axes[0].set_yscale("log")
     for k in [k for k in keys if k.startswith("eval/accuracy")]:
         if k == "eval/accuracy" or k.startswith("eval/accuracy/difficulty"):
             xs, ys = _series(records, k)
