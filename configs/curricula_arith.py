@@ -12,8 +12,7 @@ Methods: uniform, pacing, anti, cyclical, sec, skill_it, self_paced, stat_sel, s
 interleaved, blocked (see METHODS). ``total_steps`` is left to the trainer (= config.steps).
 """
 
-import ml_collections
-
+from curriculax import curriculum as curricula
 from curriculax.models import ModelConfig
 from curriculax.train.config import model_fields, quickstart_config
 
@@ -56,5 +55,5 @@ def get_config(method: str = "uniform"):
     c.mesh.num_devices = 1
     c.mesh.data = 1
     c.progress_bar = False
-    c.curriculum = ml_collections.ConfigDict(METHODS[method])
+    c.curriculum = curricula.config(**METHODS[method])  # every key: CLI-overridable
     return c

@@ -14,8 +14,7 @@ curriculum. Arms are the puzzle sizes (2-4 numbers = difficulty). Curricula: ``s
 ``ordered`` (easy to hard: linear pacing over difficulty).
 """
 
-import ml_collections
-
+from curriculax import curriculum as curricula
 from curriculax.models import ModelConfig
 from curriculax.train.config import model_fields, quickstart_config
 
@@ -63,7 +62,7 @@ def rl(c, curriculum: str):
     c.optimizer.warmup_steps = 5
     c.optimizer.end_lr_factor = 1.0
     c.optimizer.weight_decay = 0.0
-    c.curriculum = ml_collections.ConfigDict(CURRICULA[curriculum])
+    c.curriculum = curricula.config(**CURRICULA[curriculum])  # every key: CLI-overridable
     c.log_every = 5
     c.eval_every = c.checkpoint_every = 30
     c.eval_at_start = True

@@ -15,8 +15,7 @@ Paper settings (SEC, arXiv 2505.14970, verl): GRPO, rollout n 8, alpha 0.5, lr 1
 for its Math runs (the README commands; 1.0 on Countdown, 0.2 on the 2-D puzzle).
 """
 
-import ml_collections
-
+from curriculax import curriculum as curricula
 from curriculax.train.config import default_config
 
 
@@ -44,9 +43,9 @@ def get_config(curriculum: str = "sec"):
     c.optimizer.lr = 1e-6
     c.optimizer.warmup_steps = 10
     c.optimizer.weight_decay = 0.0
-    c.curriculum = ml_collections.ConfigDict(
-        {"name": "sec", "arms": "difficulty", "reward": "advantage", "alpha": 0.5, "tau": 0.4}
-        if curriculum == "sec" else {"name": curriculum})
+    c.curriculum = curricula.config(  # every key: CLI-overridable
+        **({"name": "sec", "arms": "difficulty", "reward": "advantage", "alpha": 0.5, "tau": 0.4}
+           if curriculum == "sec" else {"name": curriculum}))
     c.eval.max_new_tokens = 512
     c.eval.batch_size = 32
     c.eval_every = c.checkpoint_every = 50

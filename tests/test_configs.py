@@ -65,3 +65,15 @@ def test_file_configs_load_disjoint_train_and_held_out_data(name, arg, monkeypat
     train, held_out = load_records(cfg.data, cfg.seed)
     assert train and held_out, (len(train), len(held_out))
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n, args in ARGS.items() for a in args])
+def test_every_curriculum_setting_is_a_config_key(name, arg):
+    """--config.curriculum.<key>=... only reaches keys the file creates: a file listing a few
+    (tau, alpha) made the CLI refuse the others (e.g. arms) as unknown keys."""
+    from curriculax import curriculum as curricula
+
+    cur = load(name, arg).curriculum
+    assert set(curricula.config(cur.name)) <= set(cur), cur.name
+    with pytest.raises(ValueError, match=r"Unknown settings \['tua'\] for curriculum 'sec'"):
+        curricula.config("sec", tua=0.4)

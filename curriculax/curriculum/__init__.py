@@ -7,6 +7,9 @@ Registered (``config.curriculum.name``): ``uniform``, ``pacing``, ``cyclical``, 
 """
 
 import copy
+import importlib
+
+import ml_collections
 
 from curriculax.curriculum import uniform
 from curriculax.curriculum.base import BankMeta, Curriculum, Feedback, get, names, register
@@ -25,6 +28,19 @@ from curriculax.curriculum import (  # noqa: E402  (each registers its curriculu
 from curriculax.curriculum import designer  # noqa: E402
 
 
+def config(name: str, **overrides) -> ml_collections.ConfigDict:
+    """A full ``config.curriculum`` for ``name``: its module's ``default_config()``, then
+    ``overrides`` (so that ``--config.curriculum.<key>=...`` can reach every setting, as config
+    files that list only a few keys would otherwise refuse the rest as unknown)."""
+    module = importlib.import_module(get(name).init.__module__)
+    defaults = module.default_config().to_dict() if hasattr(module, "default_config") else {}
+    unknown = sorted(set(overrides) - set(defaults) - {"total_steps"})
+    if unknown:
+        raise ValueError(f"Unknown settings {unknown} for curriculum {name!r}; known: "
+                         f"{sorted(defaults)}.")
+    return ml_collections.ConfigDict({**defaults, **overrides, "name": name})
+
+
 def with_total_steps(config):
     """A copy of the experiment ``config`` whose ``curriculum.total_steps`` is ``config.steps``
     when it is 0 or absent (schedules plan for the run's length); ``config`` is not changed."""
@@ -36,6 +52,6 @@ def with_total_steps(config):
     return config
 
 
-__all__ = ["BankMeta", "Curriculum", "Feedback", "climb", "cyclical", "designer", "get", "names",
+__all__ = ["BankMeta", "Curriculum", "Feedback", "climb", "config", "cyclical", "designer", "get", "names",
            "ordering", "pacing", "register", "reweight", "sampling", "schedules", "sec",
            "self_paced", "skill_it", "stat_sel", "uniform", "with_total_steps"]
