@@ -59,6 +59,11 @@ class Experiment:
     # placed in their shardings; nothing of them stays on the devices after it
     load_init_params: Callable[[], Any] | None = None
     sparsity: sparsity_lib.Sparsity | None = None  # parameter selection (config.sparsity)
+    # The bank's BankMeta from the host bank (every process holds all of it), on this process's
+    # default device: what curriculum.init reads. Concrete, so init may validate it with numpy,
+    # and embeddable in a jit, which a multi-process run's global bank is not (it spans other
+    # processes' devices).
+    host_meta: Any = None
 
     def data_for(self, step: int, count: int):
         """What the jitted k-step function consumes for steps ``step .. step+count-1``."""
@@ -79,10 +84,9 @@ class Experiment:
         cfg = self.config
         init_params = None if self.load_init_params is None else self.load_init_params()
 
-        # The bank is an argument, not a closed-over constant: a multi-process run's global
-        # bank spans other processes' devices, which jit cannot embed.
-        def init(rng, params_in, bank):
-            meta = bank.meta()
+        meta = self.host_meta
+
+        def init(rng, params_in):
             params = params_in if params_in is not None else _random_params(
                 self.model_config, rng)
             if self.sparsity is not None and self.sparsity.init_params is not None:
@@ -102,7 +106,7 @@ class Experiment:
             )
 
         rng = jax.random.PRNGKey(cfg.seed)
-        return jax.jit(init, out_shardings=self.state_shardings)(rng, init_params, self.bank)
+        return jax.jit(init, out_shardings=self.state_shardings)(rng, init_params)
 
     def model_params(self, params):
         """The model's plain weights from the trained ``params`` (merges LoRA adapters)."""
@@ -237,7 +241,8 @@ def build(cfg) -> Experiment:
 
     exp = Experiment(cfg, mesh, rules, tokenizer, train_data, eval_data, bank, model_config,
                      graphdef, optimizer, lr_schedule, curriculum, objective, None, None,
-                     bank_shardings, pools, stream_shardings, None, sparsity)
+                     bank_shardings, pools, stream_shardings, None, sparsity,
+                     jax.tree.map(jnp.asarray, host_bank.meta()))
     abstract = jax.eval_shape(
         lambda: _abstract_state(exp, abstract_params_state))
     exp.abstract_state = abstract
@@ -268,7 +273,7 @@ def _abstract_state(exp: Experiment, abstract_params_state):
     return TrainState(
         step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0), params=params,
         opt_state=exp.optimizer.init(params),
-        curriculum=exp.curriculum.init(exp.config.curriculum, exp.bank.meta()),
+        curriculum=exp.curriculum.init(exp.config.curriculum, exp.host_meta),
         ref_params=params if _needs_ref(exp) else None,
         masks=_abstract_masks(exp.sparsity, params), rl=exp.trainer.init_extra(exp.config),
     )
