@@ -11,6 +11,7 @@ see ``docs/scale.md``.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -70,6 +71,9 @@ def _eval(cfg, workdir):
     mngr = None if missing else checkpoint.manager(workdir, async_save=False)  # (it creates the folder)
     if mngr is None or mngr.latest_step() is None:  # a missing file, not a usage error: one line, before any build
         raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train first (or check --workdir).")
+    # the workdir's checkpoint replaces the starting weights: a config need not name them here
+    cfg = copy.deepcopy(cfg)
+    cfg.required_fields = tuple(f for f in cfg.required_fields if f != "model.init_from")
     exp = setup.build(cfg)
     state, _ = checkpoint.restore(mngr, exp.abstract_state, exp.state_shardings)
     return {"step": int(state.step), **evaluate(exp, state.params)}

@@ -428,3 +428,15 @@ def test_cli_eval_without_a_checkpoint_is_one_line(tmp_path):
         f"curriculax eval: No checkpoint in {tmp_path / 'typo'}/checkpoints: train first (or check --workdir).",
         "(set CURRICULAX_DEBUG=1 for the traceback)"], out
     assert not (tmp_path / "typo").exists()  # it used to leave an empty typo/checkpoints/ behind
+
+
+def test_eval_does_not_require_the_starting_weights(tmp_path):
+    """A config that requires model.init_from (the RL configs) evaluates a trained workdir
+    without it: eval restores the workdir's own checkpoint."""
+    from curriculax import cli
+
+    cfg = tiny_config(steps=2, checkpoint_every=2, eval_every=2)
+    train_loop(cfg, tmp_path)
+    cfg.required_fields = ("model.init_from",)
+    out = cli._eval(cfg, str(tmp_path))
+    assert out["step"] == 2 and "eval/accuracy" in out
