@@ -179,7 +179,8 @@ def test_preemption_on_a_checkpoint_step_and_misaligned_resume(tmp_path, monkeyp
     from curriculax.train import distributed
 
     kw = {"steps_per_dispatch": 2, "log_every": 2, "eval_every": 8, "checkpoint_every": 4}
-    monkeypatch.setattr(distributed, "reached_preemption", lambda step: step == 4)
+    # the loop reports dispatch counts: the 2nd dispatch of 2 steps ends at the checkpoint step 4
+    monkeypatch.setattr(distributed, "reached_preemption", lambda dispatches: dispatches == 2)
     train_loop(tiny_config(**kw), tmp_path / "pre")
     assert checkpoint.manager(tmp_path / "pre", async_save=False).all_steps() == [4]
     monkeypatch.undo()
