@@ -48,6 +48,15 @@ def test_clipped_loss_worked_numbers():
     np.testing.assert_allclose(loss(1.0), [-0.7, -1.0, -1.2, -1.2, -1.2], rtol=1e-6)
 
 
+def test_dual_clip_at_most_one_is_refused():
+    # c <= 1 made min(l, -A c) = -A c a constant for every A < 0 token at rho ~ 1: negative
+    # advantages silently stopped contributing gradient (verl asserts clip_ratio_c > 1).
+    lp = jnp.zeros((1, 3))
+    with pytest.raises(ValueError, match=r"rl\.dual_clip=0\.5"):
+        grpo.clipped_token_loss(lp, lp, jnp.array([-1.0]), dual_clip=0.5)
+    grpo.clipped_token_loss(lp, lp, jnp.array([-1.0]), dual_clip=3.0)
+
+
 def test_kl_k3_worked_numbers():
     kl = grpo.kl_k3(jnp.array([-1.0, -2.0, -3.0]), jnp.array([-1.5, -1.0, -3.0]))
     np.testing.assert_allclose(kl, [0.1065307, np.e - 2, 0.0], rtol=1e-6, atol=1e-7)

@@ -258,3 +258,14 @@ def test_nft_default_config_selects_the_repo_reduction_and_answer_tags_ignore_ca
 
     assert nft.default_config().aggregation == "seq_sum_norm"
     assert curr_reft.judge_reward("<ANSWER>no</ANSWER> (I first thought yes)", {"answer": "no"}) == 1.0
+
+
+def test_every_nft_setting_is_a_config_field():
+    """`--config.rl.nft_r_min=...` is refused as unknown unless rl_config() lists the field."""
+    from curriculax.train.config import rl_config
+
+    fields = rl_config()
+    for key, value in nft.default_config().items():
+        assert key in fields, key
+        if key.startswith("nft_"):
+            assert fields[key] == value, key  # same defaults as the module's

@@ -114,6 +114,14 @@ def test_combine_rejects_bad_specs():
         rw.combine([("math_answer", float("nan"))])
 
 
+@pytest.mark.parametrize("spec", [("math_answer", 1.0), "math_answer", [("math_answer",)]])
+def test_combine_names_the_field_for_a_spec_that_is_not_pairs(spec):
+    # ("math_answer", 1.0) without the outer tuple used to fail with "TypeError: 'float' object
+    # is not iterable" (the CLI prints ValueErrors only), a bare name with an unpacking error.
+    with pytest.raises(ValueError, match=r"config\.rl\.rewards.*\(name, weight\) pairs"):
+        rw.combine(spec)
+
+
 def test_score_values_and_dtype():
     out = rw.score(rw.math_answer, ["#### 18", "#### 17", r"\boxed{18}"], [ARITH] * 3)
     assert out.dtype == np.float32 and out.shape == (3,)

@@ -138,3 +138,42 @@ def test_build_end_to_end(model):
     assert counts == {"self": 4, "paraphrase": 0, "gold": 0}
     assert [r["response"] for r in out] == s3ft.generate_responses(model, TOK, recs, max_new_tokens=NEW,
                                                                    batch_size=3)
+
+
+def test_prepare_rerun_after_a_crash_while_writing_the_counts(tmp_path, monkeypatch):
+    """A run killed while writing s3ft_counts.json must not leave s3ft_train.jsonl in place
+    without its counts: the rerun used to reuse the targets and fail reading the counts."""
+    import pathlib
+    import types
+
+    from curriculax.train import quickstart_config, setup
+
+    recs = [_rec(0), _rec(1)]
+    exp = types.SimpleNamespace(graphdef=None, model_params=lambda p: p, tokenizer=None,
+                                init_state=lambda: types.SimpleNamespace(params=None),
+                                train_data=types.SimpleNamespace(records=recs))
+    monkeypatch.setattr(setup, "build", lambda cfg: exp)
+    monkeypatch.setattr(nnx, "merge", lambda *a: None)
+    monkeypatch.setattr(s3ft, "build", lambda model, tok, records, **kw: (
+        [{**r, "s3ft_source": "gold"} for r in records], {"self": 0, "paraphrase": 0, "gold": 2}))
+
+    class Killed(BaseException):
+        pass
+
+    write_text = pathlib.Path.write_text
+    calls = []
+
+    def dying_write_text(self, *a, **kw):
+        if self.name.startswith("s3ft_counts") and not calls:
+            calls.append(self)
+            raise Killed
+        return write_text(self, *a, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", dying_write_text)
+    cfg = quickstart_config()
+    with pytest.raises(Killed):
+        s3ft.prepare(cfg, tmp_path)
+    sft, counts = s3ft.prepare(cfg, tmp_path)  # the rerun
+    assert counts == {"self": 0, "paraphrase": 0, "gold": 2}
+    assert sft.data.path == str(tmp_path / "s3ft_train.jsonl")
+    assert len((tmp_path / "s3ft_train.jsonl").read_text().splitlines()) == 2

@@ -62,6 +62,8 @@ def advantages(rewards_PxG, eps: float = 1e-6, *, std: str = "bessel") -> jax.Ar
 def clipped_token_loss(logp, logp_old, advantage_B, *, eps_low: float = 0.2,
                        eps_high: float = 0.2, dual_clip: float = 0.0):
     """PPO clipped surrogate per token ``[B,T]`` (advantage broadcast over a response's tokens)."""
+    if 0.0 < dual_clip <= 1.0:  # verl asserts clip_ratio_c > 1: c <= 1 caps every A < 0 token
+        raise ValueError(f"rl.dual_clip={dual_clip}: must be > 1 (verl: 3.0), or 0 to disable.")
     a = advantage_B[:, None]
     ratio = jnp.exp(jnp.clip(logp - logp_old, -20.0, 20.0))
     loss = jnp.maximum(-a * ratio, -a * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high))

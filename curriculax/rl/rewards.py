@@ -115,7 +115,16 @@ def _resolve(item: str | RewardFn) -> RewardFn:
 def combine(spec: RewardSpec) -> RewardFn:
     """Weighted sum of rewards; ``spec`` = ``[(name_or_callable, weight), ...]`` or ``{name: w}``."""
     # hasattr, not isinstance(Mapping): an ml_collections ConfigDict is not a Mapping.
-    pairs = list(spec.items()) if hasattr(spec, "items") else [tuple(p) for p in spec]
+    if hasattr(spec, "items"):
+        pairs = list(spec.items())
+    else:
+        if isinstance(spec, str):
+            spec = (spec,)
+        pairs = [tuple(p) if isinstance(p, (list, tuple)) else (p,) for p in spec]
+        bad = [p for p in pairs if len(p) != 2]
+        if bad:  # e.g. ("math_answer", 1.0) without the outer tuple
+            raise ValueError(f"config.rl.rewards={spec!r}: expected (name, weight) pairs, e.g. "
+                             f"(('math_answer', 1.0),); got {bad[0]!r}.")
     if not pairs:
         raise ValueError(f"config.rl.rewards is empty; name at least one of {names()}.")
     parts = []

@@ -179,12 +179,16 @@ def prepare(cfg, workdir) -> tuple[Any, dict[str, int]]:
                                 batch_size=cfg.eval.batch_size, template=cfg.data.template,
                                 use_paraphrase=bool(cfg.rl.get("s3ft_paraphrase", True)))
         root.mkdir(parents=True, exist_ok=True)
+        # counts first: a run killed between the two writes must not leave the targets without
+        # their counts (a rerun reuses the targets and reads the counts)
+        tmp_counts = counts_path.with_suffix(".json.tmp")
+        tmp_counts.write_text(json.dumps(counts, indent=2))
+        tmp_counts.replace(counts_path)
         tmp = path.with_suffix(".jsonl.tmp")
         with tmp.open("w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
         tmp.replace(path)
-        counts_path.write_text(json.dumps(counts, indent=2))
     counts = json.loads(counts_path.read_text())
     sft = cfg.copy_and_resolve_references()
     sft.data.eval_source = sft.data.eval_source or sft.data.source  # held-out set unchanged

@@ -151,6 +151,9 @@ def rl_config() -> ml_collections.ConfigDict:
         # NFT (loss="nft")
         nft_eps_neg=1.0,
         nft_neg_weight=1.0,
+        nft_max_log_ratio=10.0,
+        nft_r_min=0.02,
+        nft_r_max=0.98,
         # ReLIFT: SFT on the demonstrations of prompts no rollout solved, interleaved with RL.
         relift=False,
         relift_sft_size=8,  # SFT batch: taken once this many hardest prompts are buffered
