@@ -266,7 +266,7 @@ def fused_lm_head(
     sampling and implementation details.
     """
     n, vocab = check_args(hidden, weight, targets, ref_weight, ref_hidden, kl_direction, temperature,
-                          logit_softcap, bwd_rows, weight_layout)
+                          logit_softcap, bwd_rows, weight_layout, where)
     grad_filter_eps = resolve_grad_filter_eps(grad_filter_eps, hidden.dtype)
 
     impl, opts, interpret = _static_options(impl, interpret, logit_softcap, temperature,
@@ -279,7 +279,7 @@ def fused_lm_head(
 
 
 def check_args(hidden, weight, targets, ref_weight, ref_hidden, kl_direction, temperature, logit_softcap,
-               bwd_rows, weight_layout):
+               bwd_rows, weight_layout, where=None):
     """The argument checks of :func:`fused_lm_head` (shared with ``sharded_lm_head``); returns
     ``(N, V)``."""
     if weight_layout not in ("dv", "vd"):
@@ -291,6 +291,10 @@ def check_args(hidden, weight, targets, ref_weight, ref_hidden, kl_direction, te
     n, vocab = hidden.shape[0], weight.shape[1 - int(vd)]
     if targets.shape != (n,):
         raise ValueError(f"targets must have shape ({n},), got {targets.shape}")
+    if where is not None and jnp.shape(where) != (n,):  # else it broadcasts against the [N] mask
+        raise ValueError(f"where must have shape ({n},), got {jnp.shape(where)}")
+    if ref_hidden is not None and ref_hidden.ndim != 2:
+        raise ValueError(f"ref_hidden must be [N, d_ref], got {ref_hidden.shape}")
     if ref_hidden is not None and ref_weight is None:
         raise ValueError("ref_hidden given without ref_weight")
     if ref_weight is not None:

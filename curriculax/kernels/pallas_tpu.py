@@ -50,8 +50,8 @@ _RG_FIELDS = ("lse", "c0", "g_h", "g_tl", "targets", "lse_r", "g_kl", "g_sl", "s
 
 def _block(requested, default, extent, align):
     b = default if requested is None else requested
-    if b % align:
-        raise ValueError(f"pallas_tpu block size {b} must be a multiple of {align}")
+    if b <= 0 or b % align:  # 0 passed the modulo test and died in a ZeroDivisionError
+        raise ValueError(f"pallas_tpu block size {b} must be a positive multiple of {align}")
     full = -(-extent // align) * align
     return min(b, full)
 

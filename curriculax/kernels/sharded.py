@@ -64,7 +64,7 @@ def sharded_lm_head(hidden, weight, targets, *, mesh: Mesh,
                     interpret=None) -> LMHeadStats:
     """:func:`curriculax.kernels.fused_lm_head` with rows and vocab split over ``mesh``."""
     lm_head.check_args(hidden, weight, targets, ref_weight, ref_hidden, kl_direction, temperature,
-                       logit_softcap, bwd_rows, weight_layout)
+                       logit_softcap, bwd_rows, weight_layout, where)
     vd = weight_layout == "vd"
     n, vocab = hidden.shape[0], weight.shape[0 if vd else 1]
     impl, opts, interpret = lm_head._static_options(

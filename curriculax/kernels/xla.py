@@ -407,7 +407,10 @@ def _chunk_logits(h, w, hr, wr, start, vc, opts):
     zr = None
     if opts.with_kl:
         wr_c = lax.dynamic_slice_in_dim(wr, start, vc, axis=ax)
-        zr = cap(head_dot(h if hr is None else hr, wr_c, opts), opts.softcap)
+        # the reference head gets no gradient, also through a shared ``h``: without the
+        # stop_gradient a second derivative (xla_chunked's backward is differentiable) w.r.t.
+        # ``hidden`` picked up the reference logits' dependence on it
+        zr = cap(head_dot(lax.stop_gradient(h) if hr is None else hr, wr_c, opts), opts.softcap)
     return z, zr
 
 
