@@ -36,6 +36,7 @@ def test_answers_match_numeric_and_text():
     ("18 dollars", "18", True), ("**18**", "18", True), ("50%", "50", True), (r"\$18.90", "18.90", True),
     ("1,234", "1234", True), ("3,5", "35", False), ("1,2,3", "123", False),  # not thousands separators
     ("(5, 3)", "5", False), ("18 or 19", "18", False),  # more than one number
+    (r"\text{18 apples}", "18", True), (r"5\text{ cm}", "5", True), ("60 km/h", "60", True),
     (r"\dfrac{1}{2}", r"\frac{1}{2}", True), (r"\frac12", r"\frac{1}{2}", True), ("1/2", r"\frac{1}{2}", True),
     ("(1, 2)", "(1,2)", True), (r"\left(1,2\right)", "(1,2)", True), (r"10^\circ", "10", True),
     (r"\text{5}", "5", True), (r"\sqrt3", r"\sqrt{3}", True), (r"\frac{1}{3}", r"\frac{1}{2}", False),
@@ -44,6 +45,30 @@ def test_answers_match_normalizes_like_math_grading(predicted, reference, same):
     assert ev.answers_match(predicted, reference) is same
     if same:  # through extraction, as rewards.math_answer sees it
         assert ev.answers_match(ev.extract_answer(f"work\n#### {predicted}"), reference)
+
+
+@pytest.mark.parametrize("predicted,reference,same", [
+    ("5", r"5\text{ inches}", True), ("65", r"65 \text{ children tickets }", True),
+    (r"\frac{68}{3}", r"\frac{68}{3}\text{ pounds}", True), ("5 inches", r"5\text{ inches}", True),
+    ("6", r"5\text{ inches}", False), (r"\frac{67}{3}", r"\frac{68}{3}\text{ pounds}", False),
+])
+def test_a_unit_in_the_reference_does_not_fail_the_bare_answer(predicted, reference, same):
+    """MATH references such as ``5\\text{ inches}`` (real ones, from test1000.jsonl): units were
+    tolerated in the model's answer but not in the reference, so a bare ``5`` was wrong."""
+    assert ev.answers_match(predicted, reference) is same
+    assert ev.answers_match(ev.extract_answer(f"so $\\boxed{{{predicted}}}$"), reference) is same
+
+
+@pytest.mark.parametrize("predicted,reference", [
+    (r"\sqrt{2}", "2"), (r"2\pi", "2"), ("x^2", "2"), ("2i", "2"), ("5!", "5"), (r"\frac{1}{x}", "1"),
+    (r"\pm 2", "2"), (r"2\sqrt{x}", "2"),
+])
+def test_one_number_inside_other_math_is_not_that_number(predicted, reference):
+    """The one-number rule is for units and formatting (``18 dollars``, ``**18**``): ``\\sqrt{2}``
+    or ``2\\pi`` hold one number and were judged equal to it (MATH accuracy and the math_answer
+    reward counted them correct)."""
+    assert not ev.answers_match(predicted, reference)
+    assert not ev.answers_match(ev.extract_answer(f"work\n#### {predicted}"), reference)
 
 
 @pytest.mark.parametrize("text,reference", [

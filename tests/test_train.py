@@ -385,6 +385,26 @@ def test_torn_last_metrics_line_does_not_block_the_resume(tmp_path):
     assert [(r["step"], r["loss"]) for r in metrics.read(tmp_path)] == [(1, 1.0), (2, 0.5)]
 
 
+def test_reading_a_killed_runs_metrics_skips_the_torn_line(tmp_path):
+    """plots.draw and the experiment scripts read a killed run's file as it was left."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+    assert metrics.read(tmp_path) == [{"step": 1, "loss": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}')  # complete, newline pending
+    assert metrics.read(tmp_path) == [{"step": 1, "loss": 1.0}]
+
+
+def test_restart_before_the_first_checkpoint_does_not_duplicate_metrics(tmp_path):
+    """A run killed before its first checkpoint restarts from step 0: its step-0 eval (and any
+    train record) are logged again, so the first copies go (the writer kept step <= 0)."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 0.5}\n'
+                                            '{"step": 1, "loss": 9.0}\n')
+    train_loop(tiny_config(steps=1, log_every=1, eval_every=1, checkpoint_every=1,
+                           eval_at_start=True), tmp_path)
+    records = metrics.read(tmp_path)
+    assert [r["step"] for r in records if "eval/accuracy" in r] == [0, 1]
+    assert [r["step"] for r in records if "loss" in r] == [1] and records[0]["eval/accuracy"] != 0.5
+
+
 @pytest.mark.parametrize("field,value", [("grad_accum", 0), ("batch_size", 0), ("eval.batch_size", 0),
                                          ("eval.reward", "countdwon"), ("data.num_train", -1),
                                          ("data.num_eval", -3)])

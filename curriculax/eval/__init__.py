@@ -4,10 +4,11 @@ Answers are taken, in order of preference, from a ``#### N`` line (GSM8K / synth
 ``\\boxed{...}`` (MATH), or the last number in the text. Numbers compare numerically
 (``1,000`` == ``1000.0``, ``$5`` == ``5``, ``50%`` == ``50``; ``3,5`` is not ``35``), and a numeric
 reference also matches an answer holding exactly one number (``#### 18 dollars``, ``#### **18**``;
-not ``(5, 3)``).
+not ``(5, 3)``, nor ``\\sqrt{2}``, ``2\\pi``, ``x^2`` or ``5!``, whose value is another).
 Other answers compare after the MATH normalization of Hendrycks et al.'s ``strip_string``
 (:func:`normalize_tex`: ``\\dfrac`` -> ``\\frac``, ``\\frac12`` -> ``\\frac{1}{2}``, ``1/2`` ->
-``\\frac{1}{2}``, no spaces, ``\\left`` / ``\\right``, degrees, ``\\text{}``, ``\\$``, ``\\%``).
+``\\frac{1}{2}``, no spaces, ``\\left`` / ``\\right``, degrees, ``\\text{}``, ``\\$``, ``\\%``; a unit such as
+``5\\text{ inches}`` is dropped on either side).
 """
 
 from __future__ import annotations
@@ -55,6 +56,29 @@ def _as_number(s: str) -> float | None:
         return None
 
 
+# TeX that only formats or names a unit; any other command (\\sqrt, \\pi, \\frac, \\pm) changes the value
+_FORMATTING = re.compile(r"\\(?:text\w*|math(?:rm|bf|it|sf)|mbox|boxed|fbox|displaystyle|left|right|"
+                         r"[$%,;! ])|\^\{?\\circ\}?")
+
+
+def _single_number(text: str) -> float | None:
+    """The value of the one number in ``text`` when the rest is only words and formatting
+    (``18 dollars``, ``**18**``, ``\\text{18 apples}``); ``None`` for ``\\sqrt{2}``, ``2\\pi``,
+    ``x^2``, ``2i``, ``5!`` or ``\\frac{1}{x}``, whose one number is not their value (a unit
+    per time, ``60 km/h``, still counts)."""
+    found = list(_NUMBER.finditer(text))
+    if len(found) != 1:
+        return None
+    m = found[0]
+    before, after = text[:m.start()], text[m.end():]
+    if re.search(r"[A-Za-z\\]$", before) or re.match(r"[A-Za-z\\]", _FORMATTING.sub("", after)):
+        return None  # 2i, 2x, x2, 2\pi: the number is a coefficient or an index
+    rest = _FORMATTING.sub("", before + " " + after)
+    if re.search(r"\\|[\^_!]", rest):  # a TeX command, a power, a subscript, a factorial
+        return None
+    return _as_number(m.group(0))
+
+
 def _fix_fracs(s: str) -> str:
     r"""``\frac12`` / ``\frac1{2}`` / ``\frac{1}2`` -> ``\frac{1}{2}`` (single-character arguments)."""
     out, parts = [], s.split("\\frac")
@@ -98,13 +122,21 @@ def normalize_tex(s: str) -> str:
     return s
 
 
+def _strip_units(s: str) -> str:
+    r"""``5\text{ inches}`` -> ``5``: a ``\text{`` that opens with a space after the answer names
+    its unit (Hendrycks et al.'s ``_remove_right_units``; MATH writes ``65 \text{ children tickets }``,
+    ``\frac{68}{3}\text{ pounds}``)."""
+    head, sep, _ = s.partition("\\text{ ")
+    return head if sep and head.strip() else s
+
+
 def answers_match(predicted: str | None, reference: str) -> bool:
     if predicted is None:
         return False
+    predicted, reference = _strip_units(predicted), _strip_units(reference)
     a, b = _as_number(predicted), _as_number(reference)
     if a is None and b is not None:  # "18 dollars", "**18**": the one number in the text
-        found = _NUMBER.findall(predicted)
-        a = _as_number(found[0]) if len(found) == 1 else None
+        a = _single_number(predicted)
     if a is not None and b is not None:
         return abs(a - b) <= 1e-6 * max(1.0, abs(b))
     return normalize_tex(predicted) == normalize_tex(reference)

@@ -106,7 +106,9 @@ def train(cfg, workdir) -> dict:
     stop = cfg.stop_at or cfg.steps
     compiled = {}
     tokens_per_step = exp.trainer.tokens_per_step(cfg)  # RL: sampled completion slots
-    writer = MetricWriter(local, resume_step=step) if lead else None
+    # step 0 is never checkpointed: a restart from it logs everything again (its step-0 eval
+    # too), so a run that died before its first checkpoint leaves no records behind
+    writer = MetricWriter(local, resume_step=step if step > 0 else -1) if lead else None
     last: dict = {}
     if step > 0 and (workdir / "summary.json").exists():  # resumed: carry on the run's summary
         with contextlib.suppress(ValueError):  # (a finished run runs no step; a torn one is rewritten)

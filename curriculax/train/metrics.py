@@ -57,7 +57,15 @@ class MetricWriter:
 
 
 def read(workdir) -> list[dict]:
+    """The records of ``workdir/metrics.jsonl``, also while a run writes it or after one was
+    killed mid-write (a torn last line is left out)."""
     path = pathlib.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    return [json.loads(line) for line in lines if line.strip()]
