@@ -67,10 +67,7 @@ def _train(cfg, workdir):
 def _eval(cfg, workdir):
     from curriculax.train import checkpoint, evaluate, setup
 
-    missing = not checkpoint.is_remote(workdir) and not os.path.isdir(os.path.join(workdir, "checkpoints"))
-    mngr = None if missing else checkpoint.manager(workdir, async_save=False)  # (it creates the folder)
-    if mngr is None or mngr.latest_step() is None:  # a missing file, not a usage error: one line, before any build
-        raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train first (or check --workdir).")
+    mngr = checkpoint.saved(workdir)  # before any build: a missing checkpoint is one line
     # the workdir's checkpoint replaces the starting weights: a config need not name them here
     cfg = copy.deepcopy(cfg)
     cfg.required_fields = tuple(f for f in cfg.required_fields if f != "model.init_from")

@@ -67,9 +67,7 @@ def from_checkpoints(cfg, workdirs: Sequence, *, method: str = "uniform", step: 
     exp = setup.build(cfg)
     ingredients = []
     for w in workdirs:
-        mngr = checkpoint.manager(w, async_save=False)
-        if mngr.latest_step() is None:
-            raise FileNotFoundError(f"No checkpoint in {w}.")
+        mngr = checkpoint.saved(w, "the soup's workdirs")
         state, _ = checkpoint.restore(mngr, exp.abstract_state, exp.state_shardings, step)
         ingredients.append(exp.model_params(state.params))
         mngr.close()

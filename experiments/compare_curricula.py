@@ -69,7 +69,7 @@ def _row_loss_fn(graphdef):
 def heldout_loss(cfg, workdir) -> dict[str, float]:
     """Mean teacher-forced response NLL per difficulty on the held-out bank."""
     exp = build(cfg)
-    mngr = checkpoint.manager(workdir, async_save=False)
+    mngr = checkpoint.saved(workdir)
     state, _ = checkpoint.restore(mngr, exp.abstract_state, exp.state_shardings)
     mngr.close()
     row_loss = _row_loss_fn(exp.graphdef)

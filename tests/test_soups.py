@@ -54,3 +54,10 @@ def test_soup_of_checkpoints(tmp_path):
     greedy, ginfo = soups.from_checkpoints(cfg, dirs, method="greedy")
     assert ginfo["chosen"][0] == int(np.argmax(ginfo["scores"]))
     assert ginfo["soup_score"] >= max(ginfo["scores"])
+
+
+def test_a_mistyped_workdir_is_named_and_not_created(tmp_path):
+    """The soup's reader used a manager that creates checkpoints/ at any path it is given."""
+    with pytest.raises(FileNotFoundError, match="typo/checkpoints: train first"):
+        soups.from_checkpoints(tiny_config(), [tmp_path / "typo"])
+    assert not (tmp_path / "typo").exists()

@@ -36,9 +36,12 @@ def local_dir(workdir) -> pathlib.Path:
 def manager(workdir, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(_root(workdir) / "checkpoints", options=options)
+
+
+def _root(workdir) -> epath.Path:
     # Orbax needs absolute paths; a relative local --workdir (runs/quickstart) is resolved here.
-    root = epath.Path(str(workdir)) if is_remote(workdir) else epath.Path(pathlib.Path(workdir).resolve())
-    return ocp.CheckpointManager(root / "checkpoints", options=options)
+    return epath.Path(str(workdir)) if is_remote(workdir) else epath.Path(pathlib.Path(workdir).resolve())
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, info: dict) -> None:
@@ -95,31 +98,31 @@ def _mismatches(mngr, step: int, target) -> list[str]:
     return sorted(out)
 
 
+def saved(workdir, field: str = "--workdir") -> ocp.CheckpointManager:
+    """A manager over the checkpoints a run already saved in ``workdir``, for reading (eval,
+    soups, ``init_from``). One clear ``FileNotFoundError`` naming ``field`` when there are none,
+    and a mistyped path stays uncreated (``manager`` creates the folder)."""
+    root = _root(workdir)
+    mngr = ocp.CheckpointManager(root / "checkpoints") if (root / "checkpoints").exists() else None
+    if mngr is None or mngr.latest_step() is None:
+        raise FileNotFoundError(f"No checkpoint in {str(workdir).rstrip('/')}/checkpoints: train "
+                                f"first (or check {field}).")
+    return mngr
+
+
 def latest_step(workdir) -> int:
-    """The newest checkpoint step of another run (``config.model.init_from``); a clear
-    ``FileNotFoundError`` when there is none."""
-    mngr = _init_from_manager(workdir)
+    """The newest checkpoint step of another run (``config.model.init_from``)."""
+    mngr = saved(workdir, "config.model.init_from")
     step = mngr.latest_step()
     mngr.close()
-    if step is None:
-        raise FileNotFoundError(f"config.model.init_from={str(workdir)!r}: no checkpoint saved yet.")
     return step
-
-
-def _init_from_manager(workdir) -> ocp.CheckpointManager:
-    root = epath.Path(str(workdir)) if is_remote(workdir) else epath.Path(
-        pathlib.Path(workdir).resolve())
-    if not (root / "checkpoints").exists():
-        raise FileNotFoundError(f"config.model.init_from={str(workdir)!r} has no checkpoints/ "
-                                f"folder: point it at the workdir of a finished run.")
-    return ocp.CheckpointManager(root / "checkpoints")
 
 
 def load_params(workdir, abstract_params, shardings, step: int | None = None):
     """Only the ``params`` of another run's checkpoint (``config.model.init_from``), e.g. an SFT
     warm-up that an RL run continues from; its optimizer and curriculum state are not read."""
     step = latest_step(workdir) if step is None else step
-    mngr = _init_from_manager(workdir)
+    mngr = saved(workdir, "config.model.init_from")
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract_params, shardings)
     restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
