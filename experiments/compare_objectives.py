@@ -142,7 +142,7 @@ def safe_answer(text):
 def exact_match(model, bank: ExampleBank, tokenizer, max_new_tokens: int) -> float:
     """Greedy-decoding exact match over the whole bank in one batch (one compilation)."""
     prompts, mask = bank.prompts()
-    out = np.asarray(generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_id,
+    out = np.asarray(generate(model, prompts, max_new_tokens, eos_id=tokenizer.stop_ids,
                               pad_id=bank.info.pad_id, prompt_mask=mask))
     texts = [tokenizer.decode([int(t) for t in row if t != bank.info.pad_id]) for row in out]
     return float(np.mean([eval_lib.answers_match(safe_answer(t), a) for t, a in zip(texts, bank.answers)]))

@@ -227,7 +227,7 @@ def accuracy(model, bank: ExampleBank, tokenizer, max_new_tokens, batch=64) -> f
         toks = np.pad(toks, ((0, pad_r), (pad_c, 0)), constant_values=bank.info.pad_id)
         mask = np.pad(mask, ((0, pad_r), (pad_c, 0)))
         mask[len(idx):, -1] = True
-        out = np.asarray(generate(model, toks, max_new_tokens, eos_id=tokenizer.eos_id,
+        out = np.asarray(generate(model, toks, max_new_tokens, eos_id=tokenizer.stop_ids,
                                   pad_id=bank.info.pad_id, prompt_mask=mask))
         for r, i in enumerate(idx):
             text = tokenizer.decode([int(t) for t in out[r] if t != bank.info.pad_id])

@@ -135,7 +135,7 @@ def rollout_throughput(mod, task, warm, sizes) -> dict:
         model = nnx.merge(exp.graphdef, params)
         return rollout(model, prompt, mask, rng, group_size=rl.group_size,
                        max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                       eos_id=exp.tokenizer.eos_id, pad_id=exp.train_data.info.pad_id).tokens
+                       eos_id=exp.tokenizer.stop_ids, pad_id=exp.train_data.info.pad_id).tokens
 
     jax.block_until_ready(sample(state.params, jax.random.key(0)))
     t0, n = time.perf_counter(), 5

@@ -208,3 +208,22 @@ def test_unreadable_tokenizer_json_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"tokenizer\.json: not a Hugging Face tokenizer file") as err:
         load_tokenizer(tmp_path)
     assert str(file) in str(err.value)
+
+
+def test_stop_ids_add_the_eos_ids_the_model_configs_list(hf_dir, tmp_path):
+    """Llama-3-Instruct's tokenizer names <|end_of_text|> as eos while its generation config
+    also stops at <|eot_id|>: eval, rollouts and S3FT stop at every listed id, as transformers'
+    generate does (they stopped at eos_id only and read on past the end of the turn)."""
+    from curriculax.rl import s3ft
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((hf_dir / name).read_bytes())
+    base = load_tokenizer(tmp_path)
+    eos, text_id, start_id = base.eos_id, base.encode("<|endoftext|>")[0], base.encode("<|im_start|>")[0]
+    assert base.stop_ids == (eos,) and ByteTokenizer().stop_ids == (ByteTokenizer().eos_id,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [text_id, eos]}))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": start_id}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.eos_id == eos and tok.stop_ids == (eos, text_id, start_id)
+    row = [*tok.encode("17"), text_id, *tok.encode(" and on"), eos, 0]
+    assert s3ft._text(row, tok, pad_id=0) == "17"

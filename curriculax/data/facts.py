@@ -168,7 +168,7 @@ def greedy_answers(model, tokenizer, records: Sequence[Record], *, template: str
             prompts = np.pad(prompts, ((0, pad), (0, 0)), constant_values=data.info.pad_id)
             mask = np.pad(mask, ((0, pad), (0, 0)))
             mask[len(idx):, -1] = True
-        toks = np.asarray(generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_id,
+        toks = np.asarray(generate(model, prompts, max_new_tokens, eos_id=tokenizer.stop_ids,
                                    pad_id=data.info.pad_id, prompt_mask=mask))
         for r in range(len(idx)):
             out.append(answer_of(tokenizer.decode(

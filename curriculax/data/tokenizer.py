@@ -31,6 +31,7 @@ class Tokenizer(Protocol):
     pad_id: int
     bos_id: int | None
     eos_id: int
+    stop_ids: tuple[int, ...]  # ids that end a generation: eos_id first, then any the model lists
     mask_id: int | None
     chat_template: str | None
 
@@ -91,6 +92,7 @@ class ByteTokenizer:
 
     def __init__(self, chat_template: str | None = BYTE_CHAT_TEMPLATE) -> None:
         self.pad_id, self.bos_id, self.eos_id, self.mask_id, self.unk_id = range(256, 261)
+        self.stop_ids = (self.eos_id,)
         self.vocab_size = 264
         self.chat_template = chat_template
 
@@ -157,7 +159,8 @@ class HFTokenizer:
     ``config.json`` (not for a token that tokenizer_config sets to null, as Qwen2 does
     its BOS); ``pad`` falls back to ``eos``.  Explicit keyword arguments
     (token strings) win.  ``vocab_size`` counts added tokens too.  ``add_bos`` follows
-    ``add_bos_token`` (default true): whether bank rows start with BOS.
+    ``add_bos_token`` (default true): whether bank rows start with BOS. ``stop_ids``: ``eos_id``
+    and the other ``eos_token_id``\ s of ``generation_config.json`` / ``config.json``.
     """
 
     def __init__(self, path: str | os.PathLike, *, bos_token: str | None = None, eos_token: str | None = None,
@@ -194,6 +197,12 @@ class HFTokenizer:
         if ids["pad"] is None:
             ids["pad"], self.tokens["pad"] = ids["eos"], self.tokens["eos"]
         self.bos_id, self.eos_id, self.pad_id, self.mask_id = ids["bos"], ids["eos"], ids["pad"], ids["mask"]
+        # Generation stops at any eos id the model's configs list, as transformers' generate
+        # does: Llama-3-Instruct ends turns with <|eot_id|>, Qwen2.5-Instruct with <|im_end|>.
+        listed = (_read_json(folder / "generation_config.json").get("eos_token_id"),
+                  model_config.get("eos_token_id"))
+        self.stop_ids = tuple(dict.fromkeys([self.eos_id, *(
+            i for x in listed for i in (x if isinstance(x, list) else [x]) if isinstance(i, int))]))
         # Whether rows start with BOS (transformers' add_bos_token; absent means yes, and the
         # bank never doubles a BOS that a chat template already wrote).
         self.add_bos = bool(config.get("add_bos_token", True))

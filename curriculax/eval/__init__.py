@@ -161,7 +161,7 @@ def evaluate(model: nnx.Module, data: ExampleBank, tokenizer, *, batch_size: int
         prompts = np.pad(prompts, ((0, pad[0]), (pad[1], 0)), constant_values=data.info.pad_id)
         mask = np.pad(mask, ((0, pad[0]), (pad[1], 0)))
         mask[len(idx):, -1] = True
-        out = np.asarray(generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_id,
+        out = np.asarray(generate(model, prompts, max_new_tokens, eos_id=tokenizer.stop_ids,
                                   pad_id=data.info.pad_id, prompt_mask=mask))
         for r, i in enumerate(idx):
             text = tokenizer.decode([int(t) for t in out[r] if t != data.info.pad_id])

@@ -87,10 +87,11 @@ def select(records: Sequence[dict], responses: Sequence[str], judge: Judge,
 
 
 def _text(row: np.ndarray, tokenizer, pad_id: int) -> str:
-    """Decoded tokens before the first EOS (generate fills the rest with pad)."""
+    """Decoded tokens before the first stop id (generate fills the rest with pad)."""
     ids = [int(t) for t in row]
-    if tokenizer.eos_id in ids:
-        ids = ids[:ids.index(tokenizer.eos_id)]
+    ends = [k for k, t in enumerate(ids) if t in tokenizer.stop_ids]
+    if ends:
+        ids = ids[:ends[0]]
     return tokenizer.decode([t for t in ids if t != pad_id])
 
 
@@ -118,7 +119,7 @@ def generate_responses(model, tokenizer, records: Sequence[dict], *, max_new_tok
     texts = []
     for lo in range(0, n, bs):
         out = np.asarray(generate(model, prompts[lo:lo + bs], max_new_tokens,
-                                  eos_id=tokenizer.eos_id, pad_id=pad_id,
+                                  eos_id=tokenizer.stop_ids, pad_id=pad_id,
                                   prompt_mask=mask[lo:lo + bs]))
         texts.extend(_text(row, tokenizer, pad_id) for row in out[:n - lo])
     return texts

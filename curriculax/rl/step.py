@@ -43,7 +43,7 @@ def reward_callback(records, tokenizer, reward_fn, group_size: int) -> HostRewar
     def host(rows, tokens, mask, step):
         del step
         rows, tokens, mask = np.asarray(rows), np.asarray(tokens), np.asarray(mask)
-        texts = [tokenizer.decode([int(t) for t, m in zip(tok, msk) if m and t != tokenizer.eos_id])
+        texts = [tokenizer.decode([int(t) for t, m in zip(tok, msk) if m and t not in tokenizer.stop_ids])
                  for tok, msk in zip(tokens, mask)]
         recs = [records[int(rows[b // group_size])] for b in range(len(texts))]
         return rewards_lib.score(reward_fn, texts, recs)

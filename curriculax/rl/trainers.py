@@ -50,7 +50,7 @@ def _rl_step(exp):
     return step.make_rl_step(graphdef=exp.graphdef, curriculum=exp.curriculum,
                              optimizer=exp.optimizer, lr_schedule=exp.lr_schedule, config=cfg,
                              host_reward=host, prompt_width=prompt_width(exp),
-                             eos_id=exp.tokenizer.eos_id, pad_id=exp.train_data.info.pad_id,
+                             eos_id=exp.tokenizer.stop_ids, pad_id=exp.train_data.info.pad_id,
                              sparsity=exp.sparsity, interleave=interleave, mesh=exp.mesh,
                              rules=exp.rules)
 
@@ -89,7 +89,7 @@ def _spin_step(exp):
     return preference.make_spin_step(
         graphdef=exp.graphdef, curriculum=exp.curriculum, optimizer=exp.optimizer,
         lr_schedule=exp.lr_schedule, config=exp.config, prompt_width=prompt_width(exp),
-        eos_id=exp.tokenizer.eos_id, pad_id=exp.train_data.info.pad_id, mesh=exp.mesh,
+        eos_id=exp.tokenizer.stop_ids, pad_id=exp.train_data.info.pad_id, mesh=exp.mesh,
         rules=exp.rules)
 
 
