@@ -231,6 +231,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--examples", type=int, default=4000)
     ap.add_argument("--models", default="quickstart,micro")
+    ap.add_argument("--micro-sizes", default="4096,262144",
+                    help="bank sizes of the curriculum-alone table")
+    ap.add_argument("--micro-reps", type=int, default=20, help="timed updates per size")
     ap.add_argument("--out", default=str(HERE / "results" / "curriculum_overhead.md"))
     args = ap.parse_args()
 
@@ -249,8 +252,8 @@ def main():
     micro_rows = []
     for name in [n for n in curricula.names() if n != "sec_host_bench"]:
         row = {"curriculum": name}
-        for e in (4096, 262_144):
-            row[f"E={e} us/step"] = micro(name, e, 32, 20) * 1e6
+        for e in (int(x) for x in args.micro_sizes.split(",")):
+            row[f"E={e} us/step"] = micro(name, e, 32, args.micro_reps) * 1e6
         micro_rows.append(row)
         print(row, flush=True)
 

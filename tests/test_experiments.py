@@ -100,11 +100,11 @@ def test_head_layout_memory(tmp_path):
     _has_table_row(out)
 
 
-@pytest.mark.slow  # ~70 s: mostly its curriculum-alone table (every curriculum, 4k and 262k rows)
+@pytest.mark.slow  # ~40 s: the micro model, and every curriculum alone on 1024 rows
 def test_bench_curriculum_overhead(tmp_path):
     out = tmp_path / "curriculum_overhead.md"
     _run("bench_curriculum_overhead.py", "--steps", 1, "--rounds", 1, "--examples", 256,
-         "--models", "micro", "--out", out)
+         "--models", "micro", "--micro-sizes", 1024, "--micro-reps", 2, "--out", out)
     _has_table_row(out)
     assert "sec, host round trip" in out.read_text()
 
