@@ -40,6 +40,9 @@ def test_answers_match_numeric_and_text():
     (r"\dfrac{1}{2}", r"\frac{1}{2}", True), (r"\frac12", r"\frac{1}{2}", True), ("1/2", r"\frac{1}{2}", True),
     ("(1, 2)", "(1,2)", True), (r"\left(1,2\right)", "(1,2)", True), (r"10^\circ", "10", True),
     (r"\text{5}", "5", True), (r"\sqrt3", r"\sqrt{3}", True), (r"\frac{1}{3}", r"\frac{1}{2}", False),
+    # the rest of strip_string: a short "x = " name, "0.5" as one half, "{.5}" with its 0
+    (r"x = \frac12", r"\frac{1}{2}", True), (r"k=\sqrt{3}", r"\sqrt{3}", True), ("0.5", r"\frac{1}{2}", True),
+    (r"\sqrt{.5}", r"\sqrt{0.5}", True), (r"xyz = \frac12", r"\frac{1}{2}", False), ("0.25", r"\frac{1}{4}", False),
 ])
 def test_answers_match_normalizes_like_math_grading(predicted, reference, same):
     assert ev.answers_match(predicted, reference) is same
@@ -163,3 +166,15 @@ def test_evaluate_decodes_every_batch_at_one_prompt_width(monkeypatch):
     ev.evaluate(None, data, tok, batch_size=2, max_new_tokens=4)
     assert len(shapes) == 1
     assert rows[:5] == [tok.decode(data.bank.tokens[i, :data.bank.prompt_len[i]].tolist()) for i in range(5)]
+
+
+def test_every_shared_reference_solution_is_judged_correct(shared_data):
+    """The judge agrees with the data: each GSM8K and MATH solution's extracted answer matches
+    its own reference (guards the normalization rules against over- and mis-matching)."""
+    from curriculax.data import jsonl
+
+    for records in (jsonl.math(shared_data / "math" / "test1000.jsonl"),
+                    jsonl.gsm8k(shared_data / "gsm8k" / "test.jsonl")):
+        wrong = [r["answer"] for r in records
+                 if not ev.answers_match(ev.extract_answer(r["response"]), r["answer"])]
+        assert not wrong, wrong[:10]

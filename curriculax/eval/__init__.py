@@ -111,6 +111,10 @@ def normalize_tex(s: str) -> str:
                      ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", ""), ("\\%", ""), ("\\!", ""),
                      ("\\,", ""), ("\\;", "")):
         s = s.replace(old, new)
+    s = s.replace("{.", "{0.").replace(" .", " 0.")
+    lhs, eq, rhs = s.partition("=")
+    if eq and "=" not in rhs and len(lhs) <= 2:  # "x = 5", "k=\frac12": a named short answer
+        s = rhs
     s = "".join(s.split())
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
     s = _fix_fracs(s)
@@ -119,7 +123,7 @@ def normalize_tex(s: str) -> str:
         s = f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}"
     if s.startswith("."):
         s = "0" + s
-    return s
+    return "\\frac{1}{2}" if s == "0.5" else s  # strip_string's one decimal-fraction rule
 
 
 def _strip_units(s: str) -> str:
