@@ -227,3 +227,29 @@ def test_stop_ids_add_the_eos_ids_the_model_configs_list(hf_dir, tmp_path):
     assert tok.eos_id == eos and tok.stop_ids == (eos, text_id, start_id)
     row = [*tok.encode("17"), text_id, *tok.encode(" and on"), eos, 0]
     assert s3ft._text(row, tok, pad_id=0) == "17"
+
+
+def test_save_hf_with_the_tokenizer_loads_and_stops_in_transformers(hf_dir, tmp_path):
+    """An exported folder carries the tokenizer files and the ids generation stops at: before,
+    config.json had no eos_token_id and AutoTokenizer found nothing to load."""
+    transformers = pytest.importorskip("transformers")
+    from flax import nnx
+
+    from curriculax.models import ModelConfig, Transformer, save_hf
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "tok" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "tok" / name).write_bytes((hf_dir / name).read_bytes())
+    tok = load_tokenizer(tmp_path / "tok")
+    (tmp_path / "tok" / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [tok.eos_id, tok.encode("<|endoftext|>")[0]]}))
+    tok = load_tokenizer(tmp_path / "tok")
+    cfg = ModelConfig.tiny(vocab_size=tok.vocab_size)
+    out = save_hf(Transformer(cfg, rngs=nnx.Rngs(0)), cfg, tmp_path / "export", tokenizer=tok)
+    config = json.loads((out / "config.json").read_text())
+    assert config["eos_token_id"] == list(tok.stop_ids) and "bos_token_id" not in config
+    auto = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert auto.eos_token_id == tok.eos_id and auto("12 + 5")["input_ids"] == tok.encode("12 + 5")
+    gen = transformers.GenerationConfig.from_pretrained(str(out))
+    assert gen.eos_token_id == list(tok.stop_ids)
+    assert load_tokenizer(out).stop_ids == tok.stop_ids

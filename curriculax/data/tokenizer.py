@@ -160,7 +160,7 @@ class HFTokenizer:
     its BOS); ``pad`` falls back to ``eos``.  Explicit keyword arguments
     (token strings) win.  ``vocab_size`` counts added tokens too.  ``add_bos`` follows
     ``add_bos_token`` (default true): whether bank rows start with BOS. ``stop_ids``: ``eos_id``
-    and the other ``eos_token_id``\ s of ``generation_config.json`` / ``config.json``.
+    and the other eos ids listed in ``generation_config.json`` / ``config.json``.
     """
 
     def __init__(self, path: str | os.PathLike, *, bos_token: str | None = None, eos_token: str | None = None,

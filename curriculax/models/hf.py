@@ -56,6 +56,9 @@ from curriculax.models.transformer import Transformer
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+# What AutoTokenizer and generate read from a model folder (save_hf's ``tokenizer=``)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
 # safetensors' numpy backend cannot build these (numpy has no such dtypes): decoded via ml_dtypes.
 _RAW_DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
                "F8_E5M2": ml_dtypes.float8_e5m2}
@@ -419,6 +422,14 @@ def load_hf(path, *, dtype=None, param_dtype=None):
 
 # Writing -----------------------------------------------------------------------------------
 
+def _token_ids(tokenizer) -> dict:
+    if tokenizer is None:
+        return {}
+    stops = list(tokenizer.stop_ids)
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
 def _parse_size(size) -> int:
     if size is None:
         return 5 * 10**9  # transformers' default shard size
@@ -433,13 +444,16 @@ def _parse_size(size) -> int:
 
 
 def save_hf(model, config: ModelConfig, path, *, architecture: str | None = None,
-            max_shard_size=None, extra_config: dict | None = None) -> Path:
+            max_shard_size=None, extra_config: dict | None = None, tokenizer=None) -> Path:
     """Writes ``config.json`` + safetensors weights loadable by
     ``transformers.AutoModelForCausalLM.from_pretrained(path)``.
 
     Tensors are written in ``config.param_dtype``. Weights above ``max_shard_size`` (bytes or
     '500MB'-style, default 5GB) are split into ``model-0000i-of-0000n.safetensors`` plus an index.
-    ``extra_config`` is merged into config.json (e.g. ``bos_token_id``/``eos_token_id``).
+    ``tokenizer`` (``exp.tokenizer``) writes its ``bos_token_id`` / ``eos_token_id`` (every stop
+    id) into config.json and, for a Hugging Face tokenizer, copies its files
+    (:data:`TOKENIZER_FILES`), so the folder also loads with ``AutoTokenizer`` and ``generate``
+    stops where curriculax's does. ``extra_config`` is merged into config.json last.
     Everything is written to a temporary sibling directory first: a fresh ``path`` appears by one
     atomic rename; an existing directory gets its files replaced (``os.replace``) only after all
     were written, keeping unrelated files (tokenizer) and deleting stale weight shards.
@@ -448,7 +462,8 @@ def save_hf(model, config: ModelConfig, path, *, architecture: str | None = None
     loose = dict(dtype="float32", param_dtype="float32", remat=False, max_seq_len=0)
     if config.replace(**loose) != model.config.replace(**loose):
         raise ValueError(f"save_hf: config {config} does not describe the model ({model.config}).")
-    hf_config = {**config_to_hf(config, architecture), **(extra_config or {})}
+    hf_config = {**config_to_hf(config, architecture), **_token_ids(tokenizer), **(extra_config or {})}
+    folder = Path(tokenizer.path).parent if getattr(tokenizer, "path", None) else None
     dtype = jnp.dtype(config.param_dtype)
     tensors = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in state_to_hf(model).items()}
     limit, shards, size = _parse_size(max_shard_size), [{}], 0
@@ -464,6 +479,9 @@ def save_hf(model, config: ModelConfig, path, *, architecture: str | None = None
     try:
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; the checkpoint should be readable
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+        for name in TOKENIZER_FILES if folder is not None else ():
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, tmp / name)
         if len(shards) == 1:
             save_file(shards[0], tmp / SINGLE_FILE, metadata={"format": "pt"})
         else:
