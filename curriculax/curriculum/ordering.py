@@ -146,6 +146,14 @@ def stage_table(cfg, meta: BankMeta, total_steps: int) -> Stages:
     if not len(cfg.stages):
         raise ValueError("curriculum.kind='staged' needs curriculum.stages (a list of dicts).")
     ends, cats, lo, hi = [], [], [], []
+    # The emptiness check below needs the labels' values: skipped when init is traced with meta
+    # as a jit argument (the trainer passes a concrete meta, so it checks there).
+    try:
+        diff, cat = np.asarray(meta.difficulty), np.asarray(meta.category)
+        concrete = True
+    except jax.errors.TracerArrayConversionError:
+        diff = cat = None
+        concrete = False
     for i, st in enumerate(cfg.stages):
         st = dict(st)
         unknown = set(st) - {"end", "end_step", "categories", "min_difficulty", "max_difficulty"}
@@ -166,8 +174,7 @@ def stage_table(cfg, meta: BankMeta, total_steps: int) -> Stages:
         cats.append(tuple(bool(a) for a in allowed))
         lo.append(int(st.get("min_difficulty", meta.difficulty_min)))
         hi.append(int(st.get("max_difficulty", meta.difficulty_max)))
-        diff = np.asarray(meta.difficulty)
-        if not np.any(allowed[np.asarray(meta.category)] & (diff >= lo[-1]) & (diff <= hi[-1])):
+        if concrete and not np.any(allowed[cat] & (diff >= lo[-1]) & (diff <= hi[-1])):
             # the sampler would fall back to the whole bank
             raise ValueError(f"curriculum.stages[{i}] admits no row of the bank (categories "
                              f"{list(names) or 'all'}, difficulty {lo[-1]}..{hi[-1]}; the bank's "

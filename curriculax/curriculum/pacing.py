@@ -75,10 +75,13 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def fraction(kind: str, step, total_steps: int, start: float = 0.1, end: float = 1.0, *,
+def fraction(kind: str, step, total_steps: int, start: float | None = None, end: float = 1.0, *,
              ramp: float = 1.0, p: float = 2.0, inc: float = 1.9, step_length: int = 100,
              levels=(), boundaries=()) -> jax.Array:
-    """The pacing value ``g(step)`` (a float32 array; see the module docstring)."""
+    """The pacing value ``g(step)`` (a float32 array; see the module docstring). ``start=None``
+    is 0.1, or 0.04 for ``exponential`` (Hacohen & Weinshall), as in :func:`default_config`."""
+    if start is None:
+        start = 0.04 if kind == "exponential" else 0.1
     t = jnp.asarray(step, jnp.float32)
     span = max(float(ramp) * float(total_steps), 1e-9)
     x = jnp.clip(t / span, 0.0, 1.0)

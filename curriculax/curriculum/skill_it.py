@@ -190,7 +190,8 @@ def update(state: SkillItState, feedback: Feedback) -> SkillItState:
         raise ValueError("curriculum.name='skill_it' needs per-skill validation losses from the "
                          "train step's probe; this trainer runs none (the SFT trainer does): pick "
                          "another curriculum, e.g. 'sec'.")
-    probe_mean = feedback.probe_loss.reshape(k, n).mean(axis=1)
+    # float32 whatever the feedback's dtype: the state must keep its dtypes (lax.scan carries)
+    probe_mean = feedback.probe_loss.astype(jnp.float32).reshape(k, n).mean(axis=1)
     acc_sum, acc_n = state.acc_sum + valid * probe_mean, state.acc_n + valid
     mean = jnp.where(acc_n > 0, acc_sum / jnp.maximum(acc_n, 1.0), 0.0)
     state = state.replace(t=t + 1)
@@ -205,7 +206,7 @@ def update(state: SkillItState, feedback: Feedback) -> SkillItState:
         drop = baseline - mean
         self_drop = drop[jnp.clip(seg, 0, k - 1)]
         row = jnp.where(self_drop > 0, jnp.clip(drop / jnp.maximum(self_drop, 1e-12), 0.0, 1.0),
-                        jnp.zeros((k,)))
+                        jnp.zeros((k,), jnp.float32))
         row = row.at[jnp.clip(seg, 0, k - 1)].set(1.0)
         graph = jnp.where(seg_end & (jnp.arange(k) == seg)[:, None], row[None, :], graph)
         baseline = jnp.where(seg_end, mean, baseline)
@@ -222,7 +223,7 @@ def update(state: SkillItState, feedback: Feedback) -> SkillItState:
     history, filled = push(history, filled, mean, round_end)
     rows = jnp.arange(history.shape[0]) >= history.shape[0] - filled
     loss_sum = jnp.where(filled > 0, jnp.sum(jnp.where(rows[:, None], history, 0.0), 0),
-                         jnp.ones((k,)))
+                         jnp.ones((k,), jnp.float32))
     p = jnp.where(round_end | est_end, mixture(graph, loss_sum, state.eta, state.prior), state.p)
     return state.replace(
         p=p, graph=graph, history=history, filled=filled, baseline=baseline,

@@ -60,7 +60,7 @@ def key_token_mask(batch, key_tokens: str = "answer", key_token_ids=()) -> jax.A
     """``[B,T]`` bool: which *targets* are key tokens (see module docstring)."""
     if key_tokens == "ids":
         ids = jnp.asarray(tuple(key_token_ids), jnp.int32).reshape(-1)
-        return jnp.isin(batch.targets, ids) & batch.loss_mask
+        return jnp.isin(batch.targets, ids) & batch.loss_mask.astype(bool)
     if key_tokens != "answer":
         raise ValueError(f"objective.key_tokens={key_tokens!r}: choose one of {KEY_TOKENS}.")
     mask = batch.loss_mask.astype(bool)
@@ -101,7 +101,8 @@ def token_weights(stats, batch, config) -> jax.Array:
         param_ids = tuple(config.get("param_token_ids", ()))
         param = None
         if param_ids:
-            param = jnp.isin(batch.targets, jnp.asarray(param_ids, jnp.int32)) & batch.loss_mask
+            param = (jnp.isin(batch.targets, jnp.asarray(param_ids, jnp.int32))
+                     & batch.loss_mask.astype(bool))
         w = pkt_weights(key, batch.loss_mask, float(config.get("max_weight", 9.0)), param)
     elif fn == "loss":
         w = jnp.maximum(-lp, 0.0) ** alpha

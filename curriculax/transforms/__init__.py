@@ -8,4 +8,4 @@ from curriculax.transforms import ul2  # noqa: E402  (registers "ul2")
 from curriculax.transforms import vocab_curriculum  # noqa: E402  (registers "vocab_curriculum")
 
 __all__ = ["Transform", "TransformContext", "get", "masked_thought", "names", "prefix_sampling",
-           "register", "scheduled_sampling", "ul2"]
+           "register", "scheduled_sampling", "ul2", "vocab_curriculum"]
