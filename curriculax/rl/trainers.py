@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from curriculax.rl import base, nft, preference, relift, step  # noqa: F401  (nft: its loss)
+from curriculax.rl import base, preference, relift, step
 from curriculax.rl import rewards as rewards_lib
 from curriculax.train.trainers import Trainer, register
 
