@@ -8,6 +8,9 @@ serves every model size and device count.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -166,6 +169,47 @@ def tree_shardings(abstract_tree, axes_tree, mesh: Mesh, rules=DEFAULT_RULES):
         return named_sharding(mesh, x.shape, tuple(axes) if axes is not None else (), rules)
 
     return jax.tree.map(one, abstract_tree, axes_tree, is_leaf=lambda x: x is None)
+
+
+_ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar("activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules=DEFAULT_RULES):
+    """While tracing inside it, :func:`constrain` lays activations out on ``mesh`` by ``rules``."""
+    token = _ACTIVATIONS.set(None if mesh is None else (mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def with_activation_sharding(fn, mesh: Mesh | None, rules=DEFAULT_RULES):
+    """``fn`` traced under :func:`activation_sharding` (a train step, before ``jax.jit``)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activation_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def constrain(x, logical_axes):
+    """``x`` constrained to ``logical_axes`` under :func:`activation_sharding`, else unchanged.
+
+    The model's residual stream is ``("batch", None, None)``: without it the partitioner lays
+    the hidden states out like the FSDP-sharded embedding table (``embed`` over ``fsdp``), so
+    every device holds the whole global batch and all-reduces activations instead of
+    all-gathering weights. A shape the mesh axes do not divide (a micro-batch smaller than the
+    batch shards) is left to the partitioner.
+    """
+    ctx = _ACTIVATIONS.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    spec = logical_to_mesh(logical_axes, rules)
+    if fit_spec(spec, x.shape, mesh) != spec:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

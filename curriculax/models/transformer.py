@@ -18,6 +18,7 @@ from flax import nnx, struct
 
 from curriculax.models.config import ModelConfig
 from curriculax.models.layers import Block, RMSNorm, example_type, param
+from curriculax.sharding import constrain
 
 
 @struct.dataclass
@@ -116,6 +117,7 @@ class Transformer(nnx.Module):
             if inputs_embeds.shape != (b, t, cfg.hidden_size):
                 raise ValueError(f"inputs_embeds must be {(b, t, cfg.hidden_size)}, got {inputs_embeds.shape}")
             x = inputs_embeds.astype(cfg.compute_dtype)
+        x = constrain(x, ("batch", None, None))  # not laid out like the embedding table
         types = None
         if category is not None and cfg.loramoe_experts and cfg.loramoe_lbc_weight != 0:
             types = example_type(category, cfg.loramoe_type1_categories)
@@ -133,6 +135,7 @@ class Transformer(nnx.Module):
             # model that a decode loop's lax.scan closes over (TraceContextError).
             apply = _apply_block_remat if cfg.remat and cache is None else _apply_block
             x, layer_cache = apply(block, x, positions, segment_ids, q_index, layer_cache, types)
+            x = constrain(x, ("batch", None, None))
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])

@@ -123,8 +123,10 @@ class Experiment:
         return trainers.get(self.config.trainer)
 
     def train_step(self):
-        """The pure ``step(state, data) -> (state, metrics)`` of ``config.trainer``."""
-        return self.trainer.make_step(self)
+        """The pure ``step(state, data) -> (state, metrics)`` of ``config.trainer``, tracing the
+        model with its activations sharded along ``batch`` (:func:`sharding.activation_sharding`)."""
+        return sharding.with_activation_sharding(self.trainer.make_step(self), self.mesh,
+                                                 self.rules)
 
 
 def _random_params(model_config: ModelConfig, rng):
