@@ -121,8 +121,8 @@ def latest_step(workdir) -> int:
 def load_params(workdir, abstract_params, shardings, step: int | None = None):
     """Only the ``params`` of another run's checkpoint (``config.model.init_from``), e.g. an SFT
     warm-up that an RL run continues from; its optimizer and curriculum state are not read."""
-    step = latest_step(workdir) if step is None else step
     mngr = saved(workdir, "config.model.init_from")
+    step = mngr.latest_step() if step is None else step
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract_params, shardings)
     restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
