@@ -102,6 +102,30 @@ def test_fsdp_shards_the_batch_not_the_hidden_states():
     assert fsdp < 1.25 * data, (fsdp, data)
 
 
+def _decode_flops_per_device(exp, mesh):
+    from curriculax.models.generate import _decode
+
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          exp.abstract_state.params, exp.state_shardings.params)
+    prompts, mask = jax.ShapeDtypeStruct((16, 12), jnp.int32), jax.ShapeDtypeStruct((16, 12), bool)
+    compiled = _decode.lower(exp.graphdef, params, prompts, mask, jax.random.key(0),
+                             max_new_tokens=4, temperature=0.0, top_p=1.0, eos_id=None, pad_id=0,
+                             mesh=mesh, rules=exp.rules).compile()
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_eval_decoding_splits_the_rows_over_the_batch_axes():
+    """Decoding on the run's mesh follows the train step's activation layout: each of 8 devices
+    decodes 1/8 of the rows, on a data or an fsdp mesh. Without the mesh, a data-parallel run
+    decoded every row on every device (replicated weights, nothing to split by)."""
+    data = build(tiny_config(**{"mesh.num_devices": 8, "mesh.data": 8}))
+    fsdp = build(tiny_config(**{"mesh.num_devices": 8, "mesh.data": 1, "mesh.fsdp": 8}))
+    whole = _decode_flops_per_device(data, None)
+    assert _decode_flops_per_device(data, data.mesh) < 0.25 * whole
+    assert _decode_flops_per_device(fsdp, fsdp.mesh) < 0.25 * whole
+
+
 def _losses(workdir):
     return np.array([r["loss"] for r in metrics.read(workdir) if "loss" in r])
 

@@ -23,6 +23,7 @@ from flax import nnx
 from curriculax.data.bank import ExampleBank
 from curriculax.data.jsonl import last_boxed
 from curriculax.models.generate import generate
+from curriculax.sharding import DEFAULT_RULES
 
 _HASH = re.compile(r"####\s*(.+)")
 _NUMBER = re.compile(r"-?\d+(?:,\d+)*(?:\.\d+)?|-?\.\d+")  # "18, so": no trailing comma
@@ -148,11 +149,13 @@ def answers_match(predicted: str | None, reference: str) -> bool:
 
 def evaluate(model: nnx.Module, data: ExampleBank, tokenizer, *, batch_size: int = 64,
              max_new_tokens: int = 64, limit: int | None = None,
-             judge: Callable[[str, dict], bool] | None = None) -> dict[str, float]:
+             judge: Callable[[str, dict], bool] | None = None, mesh=None,
+             rules=DEFAULT_RULES) -> dict[str, float]:
     """Greedy exact-match accuracy overall, per category and per difficulty.
 
     ``judge(text, record) -> bool`` replaces the final-answer comparison (e.g. a countdown
-    verifier, whose answer is an expression rather than the target number).
+    verifier, whose answer is an expression rather than the target number). ``mesh``/``rules``:
+    the model's own, so decoding splits the rows over the batch axes (see ``generate``).
     """
     n = len(data) if limit is None else min(limit, len(data))
     correct = np.zeros(n, bool)
@@ -166,7 +169,8 @@ def evaluate(model: nnx.Module, data: ExampleBank, tokenizer, *, batch_size: int
         mask = np.pad(mask, ((0, pad[0]), (pad[1], 0)))
         mask[len(idx):, -1] = True
         out = np.asarray(generate(model, prompts, max_new_tokens, eos_id=tokenizer.stop_ids,
-                                  pad_id=data.info.pad_id, prompt_mask=mask))
+                                  pad_id=data.info.pad_id, prompt_mask=mask, mesh=mesh,
+                                  rules=rules))
         for r, i in enumerate(idx):
             text = tokenizer.decode([int(t) for t in out[r] if t != data.info.pad_id])
             correct[i] = (judge(text, data.records[i]) if judge is not None

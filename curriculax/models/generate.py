@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from curriculax import sharding
 from curriculax.models.transformer import KVCache, head_logits
 
 
@@ -93,15 +94,17 @@ def decode_model(model, prompt_BxP, mask_BxP, rng, *, max_new_tokens: int, tempe
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "eos_id", "pad_id"),
+    static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "eos_id", "pad_id",
+                     "mesh", "rules"),
 )
-def _decode(graphdef, state, prompt_BxP, mask_BxP, rng, **kwargs) -> Generation:
-    return decode_model(nnx.merge(graphdef, state), prompt_BxP, mask_BxP, rng, **kwargs)
+def _decode(graphdef, state, prompt_BxP, mask_BxP, rng, *, mesh, rules, **kwargs) -> Generation:
+    with sharding.activation_sharding(mesh, rules):
+        return decode_model(nnx.merge(graphdef, state), prompt_BxP, mask_BxP, rng, **kwargs)
 
 
 def decode(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.0,
            top_p: float = 1.0, rng=None, eos_id: int | tuple[int, ...] | None = None, pad_id: int = 0,
-           prompt_mask=None) -> Generation:
+           prompt_mask=None, mesh=None, rules=sharding.DEFAULT_RULES) -> Generation:
     """Full decoding output (tokens, per-token log-probs, validity mask); see :func:`generate`."""
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
     if prompt_mask is None:
@@ -112,17 +115,22 @@ def decode(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.
     graphdef, state = nnx.split(model)
     return _decode(graphdef, state, prompt_tokens, jnp.asarray(prompt_mask), rng,
                    max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                   top_p=float(top_p), eos_id=_eos_tuple(eos_id) or None, pad_id=int(pad_id))
+                   top_p=float(top_p), eos_id=_eos_tuple(eos_id) or None, pad_id=int(pad_id),
+                   mesh=mesh, rules=tuple(rules))
 
 
 def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, rng=None, eos_id: int | tuple[int, ...] | None = None, pad_id: int = 0,
-             prompt_mask=None) -> jax.Array:
+             prompt_mask=None, mesh=None, rules=sharding.DEFAULT_RULES) -> jax.Array:
     """Generates ``[B, max_new_tokens]`` tokens after left-padded prompts ``[B,P]`` (right
     padding decodes the same: each row continues from its last real token).
 
     ``prompt_mask`` (True = real token) defaults to ``prompt_tokens != pad_id``. After a row
     emits ``eos_id`` (one id or a tuple of them) it is filled with ``pad_id``.
+
+    With the ``mesh`` (and ``rules``) the model's weights are sharded on, activations follow the
+    batch axis as in the train step: under FSDP each device decodes its share of the rows.
     """
     return decode(model, prompt_tokens, max_new_tokens, temperature=temperature, top_p=top_p,
-                  rng=rng, eos_id=eos_id, pad_id=pad_id, prompt_mask=prompt_mask).tokens
+                  rng=rng, eos_id=eos_id, pad_id=pad_id, prompt_mask=prompt_mask, mesh=mesh,
+                  rules=rules).tokens

@@ -50,7 +50,8 @@ def evaluate(exp: setup.Experiment, params) -> dict[str, float]:
     model = nnx.merge(exp.graphdef, exp.forward_params(params))
     e = exp.config.eval
     out = eval_lib.evaluate(model, exp.eval_data, exp.tokenizer, batch_size=e.batch_size,
-                            max_new_tokens=e.max_new_tokens, judge=_judge(e.get("reward", "")))
+                            max_new_tokens=e.max_new_tokens, judge=_judge(e.get("reward", "")),
+                            mesh=exp.mesh, rules=exp.rules)
     return {f"eval/{k}": v for k, v in out.items()}
 
 
