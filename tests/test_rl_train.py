@@ -230,9 +230,14 @@ def test_init_from_restores_the_warmup_params(tmp_path):
     mngr = checkpoint.manager(tmp_path / "sft")
     saved, _ = checkpoint.restore(mngr, warm.abstract_state, warm.state_shardings)
     cfg = rl_config(**{"model.init_from": str(tmp_path / "sft")})
-    state = build(cfg).init_state()
+    exp, loaded = build(cfg), []
+    load = exp.load_init_params
+    exp.load_init_params = lambda: loaded.append(load()) or loaded[-1]
+    state = exp.init_state()
     for a, b in zip(jax.tree.leaves(saved.params), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(a, b)
+    # donated to init: the loaded copy is not held beside the state's params and ref_params
+    assert all(x.is_deleted() for x in jax.tree.leaves(loaded))
     with pytest.raises(FileNotFoundError, match="model.init_from"):
         build(rl_config(**{"model.init_from": str(tmp_path / "missing")}))
 

@@ -106,7 +106,8 @@ class Experiment:
             )
 
         rng = jax.random.PRNGKey(cfg.seed)
-        return jax.jit(init, out_shardings=self.state_shardings)(rng, init_params)
+        # donated: loaded weights are not held twice (once as loaded, once in the state)
+        return jax.jit(init, out_shardings=self.state_shardings, donate_argnums=1)(rng, init_params)
 
     def model_params(self, params):
         """The model's plain weights from the trained ``params`` (merges LoRA adapters)."""
