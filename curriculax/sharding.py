@@ -13,6 +13,7 @@ import contextvars
 import functools
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -200,7 +201,7 @@ def constrain(x, logical_axes):
     the hidden states out like the FSDP-sharded embedding table (``embed`` over ``fsdp``), so
     every device holds the whole global batch and all-reduces activations instead of
     all-gathering weights. A shape the mesh axes do not divide (a micro-batch smaller than the
-    batch shards) is left to the partitioner.
+    batch shards) is left to the partitioner, with a warning.
     """
     ctx = _ACTIVATIONS.get()
     if ctx is None:
@@ -208,6 +209,11 @@ def constrain(x, logical_axes):
     mesh, rules = ctx
     spec = logical_to_mesh(logical_axes, rules)
     if fit_spec(spec, x.shape, mesh) != spec:
+        # once per shape (warnings dedupe by message): every device then computes these rows
+        warnings.warn(f"Activations of shape {tuple(x.shape)} do not split over the mesh axes "
+                      f"{spec} ({dict(mesh.shape)}): the partitioner lays them out instead, often "
+                      f"replicated. Make the (micro-)batch a multiple of the batch shards.",
+                      stacklevel=2)
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 

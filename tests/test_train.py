@@ -86,8 +86,8 @@ def test_micro_batches_keep_every_device_busy():
     assert per_device == {(4, 1, 3)}, per_device  # 1 row of each micro-batch on every device
 
 
-def _step_flops_per_device(**mesh):
-    exp = build(tiny_config(**mesh))
+def _step_flops_per_device(cfg):
+    exp = build(cfg)
     compiled = exp.step_fn(1).lower(exp.abstract_state, exp.bank).compile()
     cost = compiled.cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
@@ -97,9 +97,16 @@ def test_fsdp_shards_the_batch_not_the_hidden_states():
     """8-way FSDP splits the batch like 8-way data parallelism (and all-gathers weights): the
     hidden states are not laid out like the embed-sharded embedding table, which would leave
     every device the whole batch's attention and activation all-reduces (~3x the work here)."""
-    data = _step_flops_per_device(**{"mesh.num_devices": 8, "mesh.data": 8})
-    fsdp = _step_flops_per_device(**{"mesh.num_devices": 8, "mesh.data": 1, "mesh.fsdp": 8})
+    data = _step_flops_per_device(tiny_config(**{"mesh.num_devices": 8, "mesh.data": 8}))
+    fsdp = _step_flops_per_device(
+        tiny_config(**{"mesh.num_devices": 8, "mesh.data": 1, "mesh.fsdp": 8}))
     assert fsdp < 1.25 * data, (fsdp, data)
+
+
+def test_micro_batches_the_batch_shards_do_not_divide_are_named():
+    cfg = tiny_config(**{"mesh.num_devices": 8, "mesh.data": 8, "batch_size": 8, "grad_accum": 2})
+    with pytest.warns(UserWarning, match=r"shape \(4, .*do not split over the mesh axes"):
+        _step_flops_per_device(cfg)
 
 
 def _decode_flops_per_device(exp, mesh):
