@@ -142,9 +142,13 @@ def staged_config(order, category_names, *, cumulative: bool = True,
 def design(model, bank, *, cumulative: bool = True, max_per_category: int = 64,
            total_steps: int = 0):
     """``(staged ordering config, ranking, similarity)`` for ``model`` on ``bank``."""
-    emb, loss, _ = category_embeddings(model, bank, max_per_category=max_per_category)
+    emb, loss, count = category_embeddings(model, bank, max_per_category=max_per_category)
     sim = similarity(emb)
-    ranking = rank_orderings(sim, difficulty=loss)
+    # Categories without rows (zero embedding, loss 0: "easiest") would get stages that admit
+    # no row of the bank; order only the others (orders keep the bank's category indices).
+    keep = np.flatnonzero(count > 0)
+    ranking = [(score, tuple(int(keep[i]) for i in order)) for score, order in
+               rank_orderings(sim[np.ix_(keep, keep)], difficulty=loss[keep])]
     names = _bank_arrays(bank)[-1]
     return staged_config(ranking[0][1], names, cumulative=cumulative,
                          total_steps=total_steps), ranking, sim

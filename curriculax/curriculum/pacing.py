@@ -33,8 +33,10 @@ State: the order ``[E]``, the sorted keys ``[E]``, per-row draw counts ``[E]`` a
 counter; one sample costs ``B`` gathers. ``total_steps`` is ``config.steps`` (the trainer
 fills ``curriculum.total_steps`` when it is 0).
 
-Defaults: ``kind="linear", start=0.1, end=1.0, ramp=1.0`` (full data at the last step);
-``start`` unset is ``0.04`` for ``exponential``.
+Defaults: ``kind="linear", start=0.1, end=1.0, ramp=1.0`` (``g = 1`` at ``t = T``, as in
+Platanios et al.: the last trained step ``T - 1`` still leaves out the hardest ``(1 - s) / T`` of
+the bank; ``ramp < 1`` trains on all of it for the final steps); ``start`` unset is ``0.04`` for
+``exponential``.
 """
 
 from __future__ import annotations

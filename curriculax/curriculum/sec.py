@@ -114,6 +114,8 @@ def init(config, meta: BankMeta) -> SECState:
         raise ValueError(f"curriculum.reward={cfg.reward!r}: choose one of {REWARDS}.")
     if cfg.within not in ("queue", "uniform"):
         raise ValueError(f"curriculum.within={cfg.within!r}: choose queue or uniform.")
+    if not float(cfg.tau) > 0:
+        raise ValueError(f"curriculum.tau={cfg.tau!r} must be > 0 (softmax(Q / tau)).")
     k = num_arms(cfg.arms, meta)
     levels = meta.difficulty_max - meta.difficulty_min + 1
     arm = arm_of(cfg.arms, meta.category, meta.difficulty, meta.difficulty_min, levels)
@@ -174,9 +176,10 @@ def update(state: SECState, feedback: Feedback) -> SECState:
     state = state.replace(q=q, cursor=(state.cursor + drawn) % size, last_reward=reward,
                           pulls=state.pulls + drawn)
     if _reward_kind(state, feedback) in ("progress", "abs_progress"):  # per-row memory
-        state = state.replace(
-            last_loss=state.last_loss.at[feedback.indices].set(feedback.loss.astype(jnp.float32)),
-            seen=state.seen.at[feedback.indices].set(True))
+        # a row drawn twice keeps its batch mean (a plain scatter-set of duplicates is arbitrary)
+        last_loss, seen = sampling.track_loss(state.last_loss, state.seen, feedback.indices,
+                                              feedback.loss, 0.0)
+        state = state.replace(last_loss=last_loss, seen=seen)
     return state
 
 

@@ -170,7 +170,9 @@ def sample(state: SkillItState, rng, meta: BankMeta, batch_size: int):
     arms = jax.random.categorical(arm_rng, logits, shape=(batch_size,)).astype(jnp.int32)
     if state.estimate_steps:
         seg = jnp.minimum(state.t // state.estimate_steps, k - 1).astype(jnp.int32)
-        arms = jnp.where(_estimating(state, state.t), jnp.full_like(arms, seg), arms)
+        # a skill with no trainable rows keeps the mixture (its group would index other rows)
+        single = _estimating(state, state.t) & (state.groups.size[seg] > 0)
+        arms = jnp.where(single, jnp.full_like(arms, seg), arms)
     return sampling.sample_in_groups(row_rng, state.groups, arms), uniform_weights(batch_size)
 
 
