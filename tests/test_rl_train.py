@@ -267,15 +267,21 @@ def _pairs_file(tmp_path, n=24, seed=0):
 
 
 def test_dpo_trainer_on_pairs(tmp_path, monkeypatch):
-    from curriculax.rl import dpo
+    from curriculax.curriculum.base import Feedback
+    from curriculax.rl import dpo, preference
 
-    weights, loss = [], dpo.loss
+    weights, loss, accuracy = [], dpo.loss, []
 
     def spy(*args, weights_B=None, **kw):
         weights.append(weights_B)
         return loss(*args, weights_B=weights_B, **kw)
 
+    def feedback(**kw):
+        jax.debug.callback(lambda a: accuracy.append(np.asarray(a)), kw["token_accuracy"])
+        return Feedback(**kw)
+
     monkeypatch.setattr(dpo, "loss", spy)
+    monkeypatch.setattr(preference, "Feedback", feedback)
     path, held_out = _pairs_file(tmp_path), _pairs_file(tmp_path, 8, seed=1)
     cfg = rl_config(**{"trainer": "dpo", "data.source": "jsonl", "data.path": str(path),
                        "data.eval_path": str(held_out), "data.num_train": 0, "data.num_eval": 8,
@@ -285,6 +291,9 @@ def test_dpo_trainer_on_pairs(tmp_path, monkeypatch):
     np.testing.assert_allclose(hist[0]["loss"], np.log(2.0), rtol=1e-5)  # policy == reference
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert hist[-1]["dpo/reward_accuracy"] > 0.5 and hist[-1]["dpo/reward_margin"] > 0
+    # curricula see the chosen response's teacher-forced accuracy (it was 0 for every row)
+    acc = np.stack(accuracy)
+    assert acc.shape == (6, cfg.batch_size) and acc.max() > 0 and acc.min() >= 0 and acc.max() <= 1
     # Pairs share row indices: chosen and rejected differ only after the '####'.
     ch, rj = exp.bank.chosen, exp.bank.rejected
     np.testing.assert_array_equal(ch.prompt_len, rj.prompt_len)

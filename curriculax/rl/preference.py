@@ -30,6 +30,7 @@ from curriculax.models.generate import decode_model
 from curriculax.rl import dpo, spin
 from curriculax.rl.rollout import left_pad_prompts, sequences
 from curriculax.rl.step import head_options
+from curriculax.train.step import example_stats
 
 
 @struct.dataclass
@@ -85,7 +86,8 @@ def _sequence_logprob(model, seq, head):
 
 
 def _pair_loss_fn(graphdef, head, loss):
-    """``(params, ref_params, chosen, rejected, weights) -> (loss, (metrics, chosen NLL [B]))``;
+    """``(params, ref_params, chosen, rejected, weights) -> (loss, (metrics, chosen_stats))``
+    (``chosen_stats``: the chosen response's per-pair NLL and argmax accuracy);
     ``weights``: the curriculum's per-pair loss weights."""
     def logps(params, chosen, rejected):
         model = nnx.merge(graphdef, params)
@@ -97,18 +99,19 @@ def _pair_loss_fn(graphdef, head, loss):
         c, r, stats = logps(params, chosen, rejected)
         rc, rr, _ = jax.lax.stop_gradient(logps(ref_params, chosen, rejected))
         value, metrics = loss(c, r, rc, rr, weights_B=weights)
-        n = jnp.maximum(chosen.loss_mask.sum(-1), 1)
-        nll = -jnp.sum(stats.target_logprob * chosen.loss_mask, -1) / n
-        return value, (metrics, jax.lax.stop_gradient(nll))
+        # the chosen response's NLL and argmax accuracy: curricula read both (STAT-Sel's
+        # failures are rows with token_accuracy below its threshold)
+        return value, (metrics, jax.lax.stop_gradient(example_stats(stats, chosen.loss_mask)))
 
     return jax.value_and_grad(fn, has_aux=True)
 
 
-def _finish(state, *, curriculum, optimizer, lr_schedule, grads, loss, metrics, nll, rows,
-            indices, weights, rng, prefix, ref_params=None, extra=None):
+def _finish(state, *, curriculum, optimizer, lr_schedule, grads, loss, metrics, chosen_stats,
+            rows, indices, weights, rng, prefix, ref_params=None, extra=None):
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    feedback = Feedback(indices=indices, loss=nll, token_accuracy=jnp.zeros_like(nll),
+    nll, accuracy = chosen_stats
+    feedback = Feedback(indices=indices, loss=nll, token_accuracy=accuracy,
                         category=rows.category, difficulty=rows.difficulty, weights=weights,
                         step=state.step)
     cur = curriculum.update(state.curriculum, feedback)
@@ -131,12 +134,12 @@ def make_dpo_step(*, graphdef, curriculum, optimizer, lr_schedule, config, mesh=
         indices, weights = curriculum.sample(state.curriculum, sample_rng, bank.meta(),
                                              config.batch_size)
         chosen, rejected = bank.chosen.gather(indices), bank.rejected.gather(indices)
-        (loss, (metrics, nll)), grads = grad_fn(state.params, state.ref_params, chosen, rejected,
-                                                weights)
+        (loss, (metrics, chosen_stats)), grads = grad_fn(state.params, state.ref_params, chosen,
+                                                         rejected, weights)
         return _finish(state, curriculum=curriculum, optimizer=optimizer,
                        lr_schedule=lr_schedule, grads=grads, loss=loss, metrics=metrics,
-                       nll=nll, rows=chosen, indices=indices, weights=weights, rng=rng,
-                       prefix="dpo")
+                       chosen_stats=chosen_stats, rows=chosen, indices=indices, weights=weights,
+                       rng=rng, prefix="dpo")
 
     return dpo_step
 
@@ -158,8 +161,8 @@ def make_spin_step(*, graphdef, curriculum, optimizer, lr_schedule, config, prom
         gen = decode_model(opponent, prompt, pmask, gen_rng, max_new_tokens=int(rl.max_new_tokens),
                            temperature=float(rl.temperature), top_p=float(rl.top_p),
                            eos_id=eos_id, pad_id=pad_id)
-        (loss, (metrics, nll)), grads = grad_fn(state.params, state.ref_params, rows,
-                                                sequences(prompt, pmask, gen), weights)
+        (loss, (metrics, chosen_stats)), grads = grad_fn(state.params, state.ref_params, rows,
+                                                         sequences(prompt, pmask, gen), weights)
         new_iteration = (state.step + 1) % every == 0  # theta_{t+1} becomes the opponent
 
         def next_opponent(params):
@@ -170,7 +173,7 @@ def make_spin_step(*, graphdef, curriculum, optimizer, lr_schedule, config, prom
                  "response_length": gen.mask.sum(-1).mean()}
         return _finish(state, curriculum=curriculum, optimizer=optimizer,
                        lr_schedule=lr_schedule, grads=grads, loss=loss, metrics=metrics,
-                       nll=nll, rows=rows, indices=indices, weights=weights, rng=rng,
-                       prefix="spin", ref_params=next_opponent, extra=extra)
+                       chosen_stats=chosen_stats, rows=rows, indices=indices, weights=weights,
+                       rng=rng, prefix="spin", ref_params=next_opponent, extra=extra)
 
     return spin_step
