@@ -1,6 +1,6 @@
 """How much backward work CCE's gradient filter skips on the fused-loss bench inputs, and its error.
 
-    python experiments/grad_filter.py [--rows 1024] [--out experiments/results/grad_filter.md]
+    python experiments/grad_filter.py [--rows 1024] [--shapes NxDxV,...] [--out experiments/results/grad_filter.md]
 
 Apple's Cut Cross-Entropy (``linear_cross_entropy(..., filter_eps="auto")``, its default) skips
 the ``d_E`` / ``d_C`` GEMM work of every ``[BLOCK_B, BLOCK_V]`` backward tile in which all of
@@ -65,14 +65,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1024, help="rows per shape (a multiple of 128)")
     ap.add_argument("--scales", default="0.5,1,2", help="logit scales (1 = the bench's inputs)")
+    ap.add_argument("--shapes", default=None, help="comma list NxDxV (default: the bench's two)")
     ap.add_argument("--out", default="experiments/results/grad_filter.md")
     args = ap.parse_args()
     if args.rows % 128:
         raise SystemExit(f"--rows must be a multiple of 128 (whole tiles), got {args.rows}")
+    shapes = (SHAPES if args.shapes is None else
+              [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")])
     import report
 
     rows = []
-    for n, d, v in SHAPES:
+    for n, d, v in shapes:
         for scale in (float(s) for s in args.scales.split(",")):
             for (bb, bv), s in _stats(args.rows, d, v, scale).items():
                 rows.append({"N x d x V": f"{n}x{d}x{v}", "logit scale": scale, "tile": f"{bb}x{bv}",
