@@ -151,11 +151,16 @@ def test_prepare_rerun_after_a_crash_while_writing_the_counts(tmp_path, monkeypa
     recs = [_rec(0), _rec(1)]
     exp = types.SimpleNamespace(graphdef=None, model_params=lambda p: p, tokenizer=None,
                                 init_state=lambda: types.SimpleNamespace(params=None),
-                                train_data=types.SimpleNamespace(records=recs))
+                                train_data=types.SimpleNamespace(records=recs), mesh=object(),
+                                rules=())
     monkeypatch.setattr(setup, "build", lambda cfg: exp)
     monkeypatch.setattr(nnx, "merge", lambda *a: None)
-    monkeypatch.setattr(s3ft, "build", lambda model, tok, records, **kw: (
-        [{**r, "s3ft_source": "gold"} for r in records], {"self": 0, "paraphrase": 0, "gold": 2}))
+
+    def fake_build(model, tok, records, **kw):
+        assert kw["mesh"] is exp.mesh  # decoding splits the rows over the run's mesh
+        return [{**r, "s3ft_source": "gold"} for r in records], {"self": 0, "paraphrase": 0, "gold": 2}
+
+    monkeypatch.setattr(s3ft, "build", fake_build)
 
     class Killed(BaseException):
         pass

@@ -38,6 +38,7 @@ import numpy as np
 from curriculax.data.bank import ExampleBank, tokenize_record
 from curriculax.models.generate import generate
 from curriculax.rl import rewards
+from curriculax.sharding import DEFAULT_RULES
 
 Judge = Callable[[str, dict], bool]
 SOURCES: tuple[str, ...] = ("self", "paraphrase", "gold")
@@ -96,8 +97,10 @@ def _text(row: np.ndarray, tokenizer, pad_id: int) -> str:
 
 
 def generate_responses(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int,
-                       batch_size: int = 32, template: str = "plain") -> list[str]:
-    """Greedy completions of the records' prompts, in order (``response`` is ignored).
+                       batch_size: int = 32, template: str = "plain", mesh=None,
+                       rules=DEFAULT_RULES) -> list[str]:
+    """Greedy completions of the records' prompts, in order (``response`` is ignored);
+    ``mesh``/``rules``: the model's, so the rows are split over the batch axes.
 
     All batches share one ``[batch, P]`` shape (P = longest prompt; the last batch padded with
     dummy rows as in :func:`curriculax.eval.evaluate`), so decoding compiles once.
@@ -120,7 +123,7 @@ def generate_responses(model, tokenizer, records: Sequence[dict], *, max_new_tok
     for lo in range(0, n, bs):
         out = np.asarray(generate(model, prompts[lo:lo + bs], max_new_tokens,
                                   eos_id=tokenizer.stop_ids, pad_id=pad_id,
-                                  prompt_mask=mask[lo:lo + bs]))
+                                  prompt_mask=mask[lo:lo + bs], mesh=mesh, rules=rules))
         texts.extend(_text(row, tokenizer, pad_id) for row in out[:n - lo])
     return texts
 
@@ -134,9 +137,11 @@ def paraphrase_record(record: dict, paraphrase_prompt: str | None = None) -> dic
 
 def build(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int, batch_size: int = 32,
           template: str = "plain", judge: Judge = answer_judge, use_paraphrase: bool = True,
-          paraphrase_prompt: str | None = None) -> tuple[list[dict], dict[str, int]]:
+          paraphrase_prompt: str | None = None, mesh=None,
+          rules=DEFAULT_RULES) -> tuple[list[dict], dict[str, int]]:
     """Generate ``yhat``, paraphrase the gold of the failures, and select (see module docstring)."""
-    decode = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, template=template)
+    decode = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, template=template,
+                  mesh=mesh, rules=rules)
     responses = generate_responses(model, tokenizer, records, **decode)
     self_ok = [bool(judge(y, r)) for y, r in zip(responses, records)]
     paraphrases: list[str | None] = [None] * len(records)
@@ -178,7 +183,8 @@ def prepare(cfg, workdir) -> tuple[Any, dict[str, int]]:
         records, counts = build(model, exp.tokenizer, exp.train_data.records,
                                 max_new_tokens=cfg.eval.max_new_tokens,
                                 batch_size=cfg.eval.batch_size, template=cfg.data.template,
-                                use_paraphrase=bool(cfg.rl.get("s3ft_paraphrase", True)))
+                                use_paraphrase=bool(cfg.rl.get("s3ft_paraphrase", True)),
+                                mesh=exp.mesh, rules=exp.rules)
         root.mkdir(parents=True, exist_ok=True)
         # counts first: a run killed between the two writes must not leave the targets without
         # their counts (a rerun reuses the targets and reads the counts)
