@@ -109,6 +109,18 @@ def test_micro_batches_the_batch_shards_do_not_divide_are_named():
         _step_flops_per_device(cfg)
 
 
+def test_parameters_the_mesh_cannot_shard_are_named(caplog):
+    """4 query / 2 KV heads on tensor=8: the attention weights are replicated, not split."""
+    with caplog.at_level("WARNING", logger="curriculax.train.setup"):
+        build(tiny_config(**{"mesh.num_devices": 8, "mesh.data": 1, "mesh.tensor": 8}))
+    assert "8 parameter(s) cannot be sharded" in caplog.text, caplog.text
+    assert "layers/0/attn/k (64, 2, 16)" in caplog.text and "(and 5 more)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="curriculax.train.setup"):
+        build(tiny_config(**{"mesh.num_devices": 2, "mesh.data": 1, "mesh.tensor": 2}))
+    assert "cannot be sharded" not in caplog.text
+
+
 def _decode_flops_per_device(exp, mesh):
     from curriculax.models.generate import _decode
 

@@ -254,6 +254,7 @@ def build(cfg) -> Experiment:
                                            nnx.to_pure_dict(abstract_params_state))
     model_params = nnx.to_pure_dict(abstract_params_state)
     param_shardings = sharding.tree_shardings(model_params, param_axes, mesh, rules)
+    _warn_unsharded(model_params, param_axes, param_shardings, mesh, rules)
     if cfg.model.hf_path:
         exp.load_init_params = functools.partial(hf.load_hf_params, cfg.model.hf_path, hf_config,
                                                  param_shardings)
@@ -262,6 +263,24 @@ def build(cfg) -> Experiment:
         exp.load_init_params = functools.partial(checkpoint.load_params, cfg.model.init_from,
                                                  model_params, param_shardings)
     return exp
+
+
+def _warn_unsharded(params, axes, shardings, mesh, rules) -> None:
+    """Names the parameters the rules shard but whose dimensions the mesh axes do not divide:
+    they are replicated instead (e.g. 2 KV heads on ``mesh.tensor=4``), which costs memory."""
+    unfit = [(path, x.shape, wanted, got.spec) for (path, x), wanted, got in zip(
+        jax.tree_util.tree_leaves_with_path(params),
+        jax.tree.leaves(jax.tree.map(lambda a: sharding.logical_to_mesh(tuple(a or ()), rules),
+                                     axes, is_leaf=lambda a: a is None or isinstance(a, P))),
+        jax.tree.leaves(shardings))
+        if sharding.fit_spec(wanted, x.shape, mesh) != wanted]
+    if unfit:
+        shown = "; ".join(f"{sparsity_lib.base.path_str(p)} {tuple(shape)}: {want} -> {got}"
+                          for p, shape, want, got in unfit[:3])
+        logging.getLogger(__name__).warning(
+            "%d parameter(s) cannot be sharded as config.sharding_rules ask on mesh %s and are "
+            "replicated along the axes that do not divide them: %s%s.", len(unfit),
+            dict(mesh.shape), shown, f" (and {len(unfit) - 3} more)" if len(unfit) > 3 else "")
 
 
 def _paths(tree) -> list[str]:
