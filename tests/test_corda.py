@@ -106,3 +106,28 @@ def test_covariance_file_with_more_paths_than_the_targets(tmp_path):
     assert set(state.params["lora"]) == {"layers/0/attn/q", "layers/1/attn/q"}
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5),
                  exp.model_params(state.params), build(cfg).init_state().params)
+
+
+def test_jnp_decomposition_refuses_an_unknown_mode():
+    """The trainer's jitted init (sparsity.corda_mode) must not read a typo as "kpm"."""
+    w = np.array([[1.0, 2.0], [3.0, 4.0]]).T
+    c = corda.damp(np.array([[2.0, 1.0], [1.0, 5.0]]))
+    for bad in ("IPM", "ipa", ""):
+        with pytest.raises(ValueError, match="CorDA mode"):
+            corda.decompose_jnp(w, c, np.linalg.inv(c), 1, bad)
+
+
+def test_prepare_with_streaming_pools_reads_the_training_records(tmp_path, monkeypatch):
+    """data.pool_size > 0 keeps no resident bank (exp.train_data is None): the calibration rows
+    are still the first training rows, the same as without streaming."""
+    seen = {}
+    for pool_size in (0, 64):
+        batches = seen.setdefault(pool_size, [])
+        monkeypatch.setattr(corda, "collect_covariances",
+                            lambda model, b, pattern=None, out=batches: (out.extend(b), {})[1])
+        corda.prepare(tiny_config(**{"data.pool_size": pool_size}), tmp_path / str(pool_size),
+                      rank=4, samples=16, batch_size=8)
+    assert len(seen[64]) == len(seen[0]) == 2
+    for (t0, m0), (t1, m1) in zip(seen[0], seen[64]):
+        np.testing.assert_array_equal(t1, t0)
+        np.testing.assert_array_equal(m1, m0)

@@ -358,3 +358,22 @@ def test_partial_transform_config_keeps_the_module_defaults(bank):
     assert a.loss_mask.sum() < batch.loss_mask.sum()  # the warmup starts at a quarter
     with pytest.raises(ValueError, match=r"config.transform_config.prefix_sampling has keys \['ratoi'\]"):
         ps.apply(batch, jax.random.PRNGKey(0), _ctx("prefix_sampling", ml_collections.ConfigDict(dict(ratoi=1.0))))
+
+
+def test_scheduled_sampling_gold_embeddings_clip_out_of_range_ids_like_the_model(bank):
+    """A pad id beyond the model's vocabulary (a tokenizer's added [PAD]) is clipped by the
+    model's own lookup; the embed hook's gold embeddings must not read NaN there (0-probability
+    attention to a NaN value spreads it to every real token)."""
+    model = _tiny_model()
+    batch = jax.tree.map(lambda x: x[:2], _batch(bank))
+    vocab = model.config.vocab_size
+    pad = np.asarray(batch.tokens) == TOK.pad_id
+    assert pad.any()
+    batch = batch.replace(tokens=jnp.where(jnp.asarray(pad), vocab + 5, batch.tokens))
+    cfg = ss.default_config()
+    cfg.update(prediction="argmax", schedule="constant", p_gold=1.0)
+    out = ss.embed(model, batch, jax.random.PRNGKey(0), _ctx("s", cfg))
+    assert np.all(np.isfinite(np.asarray(out)))
+    np.testing.assert_array_equal(out, jnp.take(model.embed[...], jnp.minimum(batch.tokens, vocab - 1), axis=0))
+    hidden = model(batch.tokens, inputs_embeds=out)
+    np.testing.assert_allclose(hidden, model(batch.tokens), atol=1e-6)

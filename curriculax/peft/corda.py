@@ -178,6 +178,8 @@ def collect_covariances(model, batches, pattern: str | None = None) -> dict[str,
 def decompose_jnp(w, cov_damped, cov_inverse, rank: int, mode: str = "ipm"):
     """:func:`decompose` in jnp (inside a jitted init) with a host-damped ``C'`` and ``C'^-1``."""
     _check_rank(rank, jnp.shape(w))
+    if mode not in ("ipm", "kpm"):  # anything else would silently take kpm's smallest triples
+        raise ValueError(f"CorDA mode={mode!r}; expected 'ipm' or 'kpm'.")
     w_hf = jnp.asarray(w, jnp.float32).T
     u, s, vt = jnp.linalg.svd(w_hf @ cov_damped, full_matrices=False)
     v_hat_t = vt @ cov_inverse
@@ -245,6 +247,12 @@ def prepare(cfg, workdir, *, rank: int | None = None, mode: str | None = None,
         model = nnx.merge(exp.graphdef, exp.model_params(exp.init_state().params))
         data = exp.train_data if calibration is None else ExampleBank.build(
             list(calibration), exp.tokenizer, cfg.data.seq_len, template=cfg.data.template)
+        if data is None:  # streaming pools (data.pool_size > 0) keep no resident bank
+            from curriculax.data.sources import load_records
+
+            data = ExampleBank.build(load_records(cfg.data, cfg.seed)[0], exp.tokenizer,
+                                     cfg.data.seq_len, template=cfg.data.template,
+                                     overflow=cfg.data.overflow)
         bank = data.bank
         n = min(samples, len(data))
         # input positions: the prompt's, then those whose next token is the response's

@@ -140,7 +140,9 @@ def embed(model, batch, rng, ctx) -> jax.Array:
     """The ``embed`` hook: mixed input embeddings for the trained (second) pass."""
     cfg = transform_config(ctx, default_config(), "scheduled_sampling")
     r_pred, r_coin = jax.random.split(rng)
-    gold = jnp.take(model.embed[...], batch.tokens, axis=0)
+    # clipped like the model's own lookup: an out-of-range (pad) id would read NaN, which
+    # 0-probability attention still spreads to every real token
+    gold = jnp.take(model.embed[...], batch.tokens, axis=0, mode="clip")
     b, t = batch.tokens.shape
     rows = batch_rows(ctx, b)
     pred = predicted_embeddings(model, batch, r_pred, cfg, rows,
