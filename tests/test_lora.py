@@ -74,6 +74,22 @@ def test_lora_in_trainer_updates_only_adapters():
     assert lift.state_bytes(states[-1].opt_state) < 0.1 * lift.state_bytes(states[0].params["base"])
 
 
+def test_adapter_init_follows_the_run_seed_unless_fixed():
+    """Runs with seeds 0 and 1 must not start from the same A (PEFT draws it from the trainer's
+    seed); ``sparsity.seed`` fixes it across runs."""
+    from curriculax.train import build
+
+    def first_a(run_seed, **kw):
+        cfg = tiny_config(seed=run_seed)
+        cfg.sparsity = sparsity.config("lora", rank=4, targets=r"attn/q$", **kw)
+        return np.asarray(build(cfg).init_state().params["lora"]["layers/0/attn/q"]["a"])
+
+    a0, a1 = first_a(0), first_a(1)
+    assert not np.allclose(a0, a1)
+    np.testing.assert_array_equal(a0, first_a(0))
+    np.testing.assert_array_equal(first_a(0, seed=5), first_a(1, seed=5))
+
+
 def _model_and_adapters(dtype, pattern=r"attn/[qkvo]$|mlp/(gate|up|down)$"):
     cfg = ModelConfig.tiny(dtype=dtype, param_dtype=dtype)
     model = Transformer(cfg, rngs=nnx.Rngs(0))

@@ -11,7 +11,9 @@ train; ``W`` is frozen (and gets no optimizer state).
 
 Targets are chosen by a regular expression over parameter paths (``layers/3/attn/q``,
 ``layers/0/mlp/up``, ...). Defaults: ``rank=8``, ``alpha=16``, ``targets`` = every
-attention/MLP projection (the paper adapted ``q``/``v`` only: ``r"attn/(q|v)$"``).
+attention/MLP projection (the paper adapted ``q``/``v`` only: ``r"attn/(q|v)$"``), ``seed=None``:
+``A`` is drawn from the run's ``config.seed`` (as PEFT draws it from the trainer's seed); an int
+fixes it across runs.
 
 In the trainer (``config.sparsity = sparsity.config("lora", rank=..., ...)``) the parameters are
 ``{"base": model weights, "lora": {path: {"a", "b"}}}`` and the optimizer (clip + AdamW) keeps
@@ -44,7 +46,7 @@ _PROJECTION = re.compile(r"layers/\d+/(attn/[qkvo]|mlp/(gate|up|down))$")
 def default_config() -> dict:
     # corda: a covariance file from curriculax.peft.corda.prepare -> CorDA-initialized adapters
     return dict(rank=8, alpha=16.0, targets=r"layers/\d+/(attn/[qkvo]|mlp/(gate|up|down))$",
-                seed=0, corda="", corda_mode="ipm")
+                seed=None, corda="", corda_mode="ipm")
 
 
 def targets(abstract_params, pattern: str) -> dict[str, tuple[int, int]]:
@@ -132,7 +134,6 @@ def build(config, abstract_params) -> base.Sparsity:
     from curriculax.sparsity import lift
 
     cfg = base.method_config(config)
-    key = jax.random.PRNGKey(cfg.seed)
     shapes = targets(abstract_params, cfg.targets)
     wrapped = {"base": abstract_params,
                "lora": {name: {"a": jax.ShapeDtypeStruct((m, cfg.rank), jnp.float32),
@@ -152,7 +153,6 @@ def build(config, abstract_params) -> base.Sparsity:
         return optax.GradientTransformationExtraArgs(opt.init, update)
 
     def init_params(params, rng):
-        del rng
         if cfg.get("corda"):  # CorDA: base = W_res, adapters from the context decomposition
             from curriculax.peft import corda
 
@@ -167,6 +167,7 @@ def build(config, abstract_params) -> base.Sparsity:
                                  f"{sorted(missing)[:3]}...: rerun corda.prepare with the same "
                                  f"targets.")
             return {"base": residual, "lora": adapters}
+        key = rng if cfg.seed is None else jax.random.PRNGKey(cfg.seed)
         return {"base": params,
                 "lora": init(params, key, rank=cfg.rank, pattern=cfg.targets)}
 
