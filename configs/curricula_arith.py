@@ -3,8 +3,8 @@
 A tiny byte-level model (hidden 64, 2 layers, seq_len 208) trained for 250 steps of batch 16
 on 2000 word problems with 1-3 steps (difficulty) in three operation families (category); every
 method gets the same step budget, model, data and optimizer. Sized so that 11 methods x 3 seeds
-run in about 20-25 minutes on 2 otherwise idle CPU cores (about 38 s per run). Select the method
-with the config argument:
+run in about 18 minutes on 2 CPU cores (mean 32 s per run in experiments/results/curricula_arith.md).
+Select the method with the config argument:
 
     curriculax train --config=configs/curricula_arith.py:sec --workdir=runs/arith_sec
 

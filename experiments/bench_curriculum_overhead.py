@@ -192,10 +192,11 @@ NOTES = """
   memcpy, so the host round trip costs a pipeline stall (the next step cannot be queued until
   the previous one finished and numpy sampled) plus numpy's own time, not PCIe latency. On an
   accelerator the stall also idles the chip for the copy latency every step.
-- The curriculum's own cost is the "curriculum alone" table: a few hundred microseconds at most
-  per step on CPU, O(E) in the bank size (self-paced's 32-step bisection quantile is the largest
-  at 262k rows). With a model step of ~0.5 s (quickstart) that is within the round-to-round
-  noise of this shared machine; with the 7 ms micro model it is measurable.
+- The curriculum's own cost is the "curriculum alone" table: a few hundred microseconds per
+  step on CPU, O(E) in the bank size for some: self-paced (its 32-step bisection quantile) and
+  STAT-Sel are the largest at 262k rows, above a millisecond. With a model step of ~0.5 s
+  (quickstart) that is within the round-to-round noise of this shared machine; with the 7 ms
+  micro model it is measurable.
 """
 
 

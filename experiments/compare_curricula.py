@@ -197,7 +197,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default=",".join(mod.METHODS))
-    ap.add_argument("--steps", type=int, default=0, help="override the config's 300 steps")
+    ap.add_argument("--steps", type=int, default=0, help="override the config's steps (250)")
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "compare_arith"))
     ap.add_argument("--out", default=str(HERE / "results" / "curricula_arith.md"))
     args = ap.parse_args()

@@ -273,6 +273,8 @@ METRICS = [("id_acc", "ID exact match"), ("ood1_acc", "OOD +1 step exact match")
 def write_table(out, results, methods, meta, args):
     lines = [f"Fine-tuned {args.steps} steps from a {args.base_steps}-step base; "
              f"mean ± 95% CI over {args.seeds} seeds.", "",
+             f"- date: {meta['date']}; machine: {meta['machine'].strip()}; versions: python "
+             f"{meta['python']}, jax {meta['jax']}", "",
              "| method | " + " | ".join(label for _, label in METRICS) + " |",
              "|---" * (len(METRICS) + 1) + "|"]
     for name in ["base"] + methods:

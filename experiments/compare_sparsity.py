@@ -1,6 +1,6 @@
 """Compare parameter-selection methods: full FT, LIFT (several budgets), LoRA, HFT, LT-SFT.
 
-Protocol (2 CPU cores, about 40 minutes with the defaults):
+Protocol (2 CPU cores, about 33 minutes with the defaults in experiments/results/sparsity.md):
 
 1. **Source task / base model** (per seed): a byte-level Llama-style model trained from scratch
    with full fine-tuning on the *source* task, add/subtract word problems (arithmetic category
@@ -26,7 +26,7 @@ LoRA-equivalent budget ``(m+n)·r`` per matrix; LT-SFT at the density of LIFT wi
 (full FT for the first half, then sparse); HFT half of the matrices. The learning rate is the
 same for every method (tuned for nothing). Seeds draw the base model, the data and the order.
 
-    python experiments/compare_sparsity.py              # ~40 min on 2 shared CPU cores
+    python experiments/compare_sparsity.py              # ~33 min on 2 shared CPU cores
     python experiments/compare_sparsity.py --quick      # smoke test (~3 min)
     python experiments/compare_sparsity.py --time-only --rounds 4   # interleaved step times
 
@@ -606,7 +606,10 @@ def time_only(args, out):
         ms = 1e3 * np.array(times)
         lines.append(f"| {name} | {np.median(ms):.1f} | {np.percentile(ms, 10):.1f}-"
                      f"{np.percentile(ms, 90):.1f} |")
-    (out / "sparsity_timing.md").write_text("\n".join(lines) + "\n")
+    head = report.header("Parameter selection: interleaved step time (`--time-only`)", {
+        "setup": f"{args.rounds} rounds x 10 steps per method, methods round-robin, arithmetic "
+                 f"target task, batch {args.batch_size}"})
+    (out / "sparsity_timing.md").write_text(head + "\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

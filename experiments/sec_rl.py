@@ -246,7 +246,9 @@ def main():
                                if '/difficulty/' in k),
         "RL": f"{cfg.steps if not args.rl_steps else args.rl_steps} GRPO steps x {cfg.batch_size} "
               f"prompts x {cfg.rl.group_size} completions, lr {cfg.optimizer.lr}",
-        "seeds": len(seeds), "total wall": f"{time.perf_counter() - t_all:.0f} s",
+        "seeds": len(seeds),
+        "wall time of this invocation": f"{time.perf_counter() - t_all:.0f} s (runs already "
+                                        f"finished in --workdir are reused, not rerun)",
     })
     text += "\n## Held-out greedy accuracy after RL (mean ± 95% CI over seeds)\n\n" + report.table(rows)
     text += "\n## Paired difference to uniform (same seed)\n\n" + report.table(paired)

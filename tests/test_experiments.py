@@ -61,6 +61,7 @@ def test_compare_objectives(tmp_path):
          "--batch-size", 4, "--hidden", 32, "--layers", 1, "--num-train", 64, "--num-eval", 4,
          "--max-new-tokens", 8, "--methods", "sft,dft", "--out", tmp_path)
     _has_table_row(tmp_path / "objectives_table.md")
+    assert "- date: " in (tmp_path / "objectives_table.md").read_text()  # results carry their date
     # 2 steps is not a multiple of the script's 10-step chunk: it must still train (it ran no
     # step at all before, and reported the mean of no losses)
     runs = json.loads((tmp_path / "objectives.json").read_text())["results"]
@@ -74,6 +75,16 @@ def test_compare_sparsity(tmp_path):
          "--rank", 2, "--filter-rank", 4, "--refresh-every", 1, "--max-new-tokens", 8,
          "--no-gsm8k", "--out", tmp_path)  # --no-gsm8k: ../shared is not needed
     _has_table_row(tmp_path / "sparsity_table.md")
+
+
+@pytest.mark.slow  # ~50 s: every method compiled once, 1 round of 10 steps, tiny model
+def test_compare_sparsity_time_only(tmp_path):
+    _run("compare_sparsity.py", "--time-only", "--rounds", 1, "--batch-size", 4, "--hidden", 32,
+         "--layers", 1, "--num-train", 32, "--num-eval", 4, "--lift-ranks", 2, "--rank", 2,
+         "--filter-rank", 4, "--out", tmp_path)
+    _has_table_row(tmp_path / "sparsity_timing.md")
+    text = (tmp_path / "sparsity_timing.md").read_text()
+    assert "- date: " in text and "- machine: " in text and "- versions: " in text
 
 
 @pytest.mark.slow  # ~25 s: 10 edit runs (one compilation each), depth-first ones included

@@ -60,8 +60,8 @@ bytes) and one vocabulary chunk.  ``bwd_rows=R`` walks the rows in groups of
 ``R`` so the accumulator shrinks to ``4 R d``; each extra group adds one
 rounding of ``d_weight`` in its dtype (bf16: relative error ~``2**-9`` per
 group; none for float32 weights).  ``bwd_rows="auto"`` picks ``R`` so the
-accumulator stays under 3.5% of the gradients' size
-(:func:`xla.default_bwd_rows`); ``None`` (default) keeps one group, the
+accumulator stays under 3.5% of the gradients' size (at least 256 rows:
+:func:`xla.default_bwd_rows`); ``None`` (default) keeps one group, the
 fastest.  On an H100, ``pallas_gpu`` with ``"auto"`` holds 1.04-1.045x the
 gradients' size in all (default: 1.21-1.35x) for 1.18-1.21x the time.
 ``pallas_tpu`` ignores it (its backward accumulates in VMEM).

@@ -436,7 +436,8 @@ def default_bwd_rows(num_rows: int, hidden: int, vocab: int, itemsize: int) -> i
     """Rows per backward group for ``bwd_rows="auto"``: all of them unless the
     float32 ``d_hidden`` accumulator (``4 N d`` bytes) would exceed 3.5% of the
     gradients' own storage ``itemsize (N + V) d``; then the largest power of two
-    (>= 256) that fits.  Float32 inputs never split (no rounding to save).
+    that fits, but at least 256 (a small head's accumulator can exceed the 3.5%).
+    Float32 inputs never split (no rounding to save).
 
     3.5% leaves room for one ``[R, 2048]`` bf16 dlogits chunk under the 5% of issue
     #7's memory target; both bench shapes get 2048 rows.  Fewer rows cost time:
