@@ -389,6 +389,27 @@ def test_select_embedding_only_tuning():
     assert moments == 2 * before["embed"].size
 
 
+def test_frozen_parameters_cost_no_weight_gradients():
+    """A fixed selection (here the norms) stops the gradients of everything else: the step
+    skips the frozen weights' gradient GEMMs, and grad_norm is the trained leaves' norm (it was
+    the full model's, the same as full fine-tuning on the same batch)."""
+    from test_train import _step_flops_per_device
+
+    def first(cfg):
+        exp = build(cfg)
+        step = jit_steps(exp.train_step(), 1, exp.state_shardings, exp.bank_shardings)
+        _, m = step(exp.init_state(), exp.bank)
+        return float(m["loss"][0]), float(m["grad_norm"][0]), _step_flops_per_device(cfg)
+
+    full = first(tiny_config())
+    cfg = tiny_config()
+    cfg.sparsity = sparsity.config("select", include="norms")
+    norms = first(cfg)
+    assert norms[0] == full[0]  # the same batch and weights
+    assert 0 < norms[1] < 0.5 * full[1]
+    assert norms[2] < 0.85 * full[2]
+
+
 @pytest.mark.slow
 def test_lift_exact_resume_keeps_masks_and_sparse_moments(tmp_path):
     """stop at step 3 and resume: masks, [k] moments and params bitwise equal a straight run."""

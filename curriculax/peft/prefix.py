@@ -147,9 +147,9 @@ def build(config, abstract_params) -> base.Sparsity:
         return {"base": model_shardings,
                 "reparam": jax.tree.map(lambda _: replicated, wrapped["reparam"])}
 
-    return sparsity._replace(init_params=init_params,
+    return sparsity._replace(init_params=init_params,  # materialize stops the base's gradients
                              materialize=lambda params: materialize(params, geometry),
-                             param_shardings=param_shardings)
+                             forward_params=None, param_shardings=param_shardings)
 
 
 base.register("prefix", build, default_config, model_overrides)

@@ -67,12 +67,18 @@ def selection(config, abstract_params, include: str, *, what: str = "sparsity.in
             inner, lambda _, s: s, abstract_opt.inner, compact,
             transform_non_params=lambda _: replicated))
 
+    def forward_params(params):
+        # frozen leaves get no gradient at all: the backward skips their weight-gradient GEMMs,
+        # and grad_norm (and clipping) see the trained leaves only
+        return jax.tree.map(lambda lp, p: p if lp.kind == "dense" else jax.lax.stop_gradient(p),
+                            plan, params, is_leaf=lift._is_plan)
+
     return base.Sparsity(
         optimizer=optimizer,
         init_masks=lambda params, rng: jax.tree.map(
             lambda lp: jnp.bool_(lp.kind == "dense"), plan, is_leaf=lift._is_plan),
         mask_shardings=lambda m, p, replicated: jax.tree.map(lambda _: replicated, m),
-        opt_state_shardings=opt_state_shardings)
+        opt_state_shardings=opt_state_shardings, forward_params=forward_params)
 
 
 def fill_missing(params, abstract, init_leaf, rng):
