@@ -377,3 +377,31 @@ def test_scheduled_sampling_gold_embeddings_clip_out_of_range_ids_like_the_model
     np.testing.assert_array_equal(out, jnp.take(model.embed[...], jnp.minimum(batch.tokens, vocab - 1), axis=0))
     hidden = model(batch.tokens, inputs_embeds=out)
     np.testing.assert_allclose(hidden, model(batch.tokens), atol=1e-6)
+
+
+@pytest.mark.parametrize("p_gold", [1.0, 0.0])
+def test_scheduled_sampling_bf16_embedding_gradient_accumulates_in_float32(bank, p_gold):
+    """The hook's lookups (gold and predicted tokens) are the trained pass's embedding path: a
+    bfloat16 table's scatter-add gradient for a token seen ~600 times must not stagnate in bf16."""
+    model = _tiny_model()
+    graphdef, state = nnx.split(model)
+    batch = jax.tree.map(lambda x: x[:4], _batch(bank))
+    rng = np.random.default_rng(0)
+    frequent = jnp.asarray(rng.random(batch.tokens.shape) < 0.8)
+    batch = batch.replace(tokens=jnp.where(frequent, 7, batch.tokens))
+    cfg = ss.default_config()
+    cfg.update(prediction="argmax", schedule="constant", p_gold=p_gold, mix="replace")
+    c = jax.random.normal(jax.random.key(1), batch.tokens.shape + (32,)) + 1.0
+
+    def embed_grad(dtype):
+        st = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(dtype), state)
+
+        def loss(st):
+            out = ss.embed(nnx.merge(graphdef, st), batch, jax.random.PRNGKey(0), _ctx("s", cfg))
+            return jnp.sum(out.astype(jnp.float32) * c)
+        return jax.grad(loss)(st)["embed"][...]
+
+    g16, g32 = embed_grad(jnp.bfloat16), embed_grad(jnp.float32)
+    row = int(jnp.argmax(jnp.linalg.norm(g32, axis=-1)))  # the most used row
+    rel = float(jnp.linalg.norm(g16[row].astype(jnp.float32) - g32[row]) / jnp.linalg.norm(g32[row]))
+    assert rel < 1e-2, rel

@@ -178,3 +178,27 @@ def test_logical_rules_and_fitting():
         jax.sharding.PartitionSpec(None, None)
     with pytest.raises(ValueError, match="absorb"):
         sharding.make_mesh(data=3, fsdp=1, tensor=1)
+
+
+def test_bf16_embedding_gradient_of_a_frequent_token_accumulates_in_float32():
+    """The lookup's gradient is a scatter-add over every occurrence of a token: in a bfloat16
+    table's own dtype a token seen ~1000 times stagnates (bf16 sums of O(1) terms stop growing
+    at 256-512). bfloat16 weights must get the float32 weights' gradient, rounded once."""
+    cfg = ModelConfig.tiny(dtype="bfloat16", param_dtype="bfloat16")
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, cfg.vocab_size, (4, 256))
+    tokens[rng.random(tokens.shape) < 0.8] = 7  # ~800 occurrences of token 7
+    tokens = jnp.asarray(tokens, jnp.int32)
+    c = jax.random.normal(jax.random.key(1), (4, 256, cfg.hidden_size)) + 1.0
+
+    def embed_grad(dtype):
+        def loss(st):
+            return jnp.sum(nnx.merge(graphdef, st)(tokens).astype(jnp.float32) * c)
+        st = jax.tree.map(lambda x: x.astype(dtype), state)  # the same (bf16-exact) values
+        return jax.grad(loss)(st)["embed"][...]
+
+    g16, g32 = embed_grad(jnp.bfloat16), embed_grad(jnp.float32)
+    assert g16.dtype == jnp.bfloat16
+    rel = float(jnp.linalg.norm(g16[7].astype(jnp.float32) - g32[7]) / jnp.linalg.norm(g32[7]))
+    assert rel < 1e-2, rel

@@ -99,7 +99,11 @@ def decode_model(model, prompt_BxP, mask_BxP, rng, *, max_new_tokens: int, tempe
 )
 def _decode(graphdef, state, prompt_BxP, mask_BxP, rng, *, mesh, rules, **kwargs) -> Generation:
     with sharding.activation_sharding(mesh, rules):
-        return decode_model(nnx.merge(graphdef, state), prompt_BxP, mask_BxP, rng, **kwargs)
+        out = decode_model(nnx.merge(graphdef, state), prompt_BxP, mask_BxP, rng, **kwargs)
+    if mesh is None:
+        return out
+    # replicated: every process reads all the tokens (a multi-process run's rows span hosts)
+    return jax.lax.with_sharding_constraint(out, sharding.replicated(mesh))
 
 
 def decode(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.0,

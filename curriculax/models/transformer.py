@@ -48,6 +48,35 @@ def _apply_block(block, *args):
 _apply_block_remat = nnx.remat(_apply_block)
 
 
+@jax.custom_vjp
+def _lookup_f32_grad(table, tokens):
+    return jnp.take(table, tokens, axis=0, mode="clip")
+
+
+def _lookup_fwd(table, tokens):
+    return _lookup_f32_grad(table, tokens), (table, tokens)
+
+
+def _lookup_bwd(res, ct):
+    table, tokens = res
+    ids = jnp.clip(tokens, 0, table.shape[0] - 1)
+    grad = jnp.zeros(table.shape, jnp.float32).at[ids].add(ct.astype(jnp.float32))
+    return grad.astype(table.dtype), None
+
+
+_lookup_f32_grad.defvjp(_lookup_fwd, _lookup_bwd)
+
+
+def embed_lookup(table, tokens) -> jax.Array:
+    """``take(table, tokens, axis=0, mode="clip")``. Autodiff's transpose is a scatter-add in the
+    table's dtype: a bfloat16 table's row for a token seen hundreds of times in the batch
+    stagnates (bf16 sums of O(1) terms stop growing at 256-512), so a low-precision table
+    accumulates its gradient in float32 instead (as PyTorch's embedding backward does)."""
+    if jnp.dtype(table.dtype).itemsize >= 4:
+        return jnp.take(table, tokens, axis=0, mode="clip")
+    return _lookup_f32_grad(table, tokens)
+
+
 def head_logits(hidden, w, layout: str) -> jax.Array:
     """``hidden [..., d]`` times a head stored ``[d, V]`` ("dv") or ``[V, d]`` ("vd"), float32."""
     spec = "...d,vd->...v" if layout == "vd" else "...d,dv->...v"
@@ -112,7 +141,7 @@ class Transformer(nnx.Module):
         if inputs_embeds is None:
             # clip: an out-of-range pad id would read NaN, and 0-probability attention to a NaN
             # value is still NaN (padded positions are masked, their embedding is irrelevant)
-            x = jnp.take(self.embed[...], tokens_BxT, axis=0, mode="clip").astype(cfg.compute_dtype)
+            x = embed_lookup(self.embed[...], tokens_BxT).astype(cfg.compute_dtype)
         else:
             if inputs_embeds.shape != (b, t, cfg.hidden_size):
                 raise ValueError(f"inputs_embeds must be {(b, t, cfg.hidden_size)}, got {inputs_embeds.shape}")

@@ -30,7 +30,7 @@ from curriculax.models.generate import decode_model
 from curriculax.rl import dpo, spin
 from curriculax.rl.rollout import left_pad_prompts, sequences
 from curriculax.rl.step import head_options
-from curriculax.train.step import example_stats
+from curriculax.train.step import example_stats, global_norm
 
 
 @struct.dataclass
@@ -116,7 +116,7 @@ def _finish(state, *, curriculum, optimizer, lr_schedule, grads, loss, metrics, 
                         step=state.step)
     cur = curriculum.update(state.curriculum, feedback)
     ref = state.ref_params if ref_params is None else ref_params(params)
-    out = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step),
+    out = {"loss": loss, "grad_norm": global_norm(grads), "lr": lr_schedule(state.step),
            **{f"{prefix}/{k}": v for k, v in metrics.items()}, **(extra or {}),
            **{f"curriculum/{k}": v for k, v in curriculum.summarize(cur).items()}}
     return state.replace(step=state.step + 1, rng=rng, params=params, opt_state=opt_state,

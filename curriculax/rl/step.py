@@ -27,6 +27,7 @@ from curriculax.models.layers import AuxLoss
 from curriculax.rl import base, grpo
 from curriculax.rl.rollout import left_pad_prompts, rollout, sequences
 from curriculax.sparsity import base as sparsity_lib
+from curriculax.train.step import global_norm
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def make_rl_step(*, graphdef, curriculum, optimizer, lr_schedule, config, host_r
                                          take(ref_logp), mb_sig, seq_weights[idx])
             updates, opt_state = optimizer.update(grads, opt_state, params, **mask_kw)
             params = optax.apply_updates(params, updates)
-            return (params, opt_state), {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+            return (params, opt_state), {"loss": loss, "grad_norm": global_norm(grads), **aux}
 
         (params, opt_state), upd = jax.lax.scan(update, (state.params, state.opt_state), order)
         masks = state.masks

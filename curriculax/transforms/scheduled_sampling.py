@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from curriculax.kernels.gumbel import token_rows
+from curriculax.models.transformer import embed_lookup
 from curriculax.objectives.base import lm_head_stats
 from curriculax.transforms.base import Transform, batch_rows, register, row_uniform, transform_config
 from curriculax.transforms.masked_thought import response_input_mask
@@ -110,11 +111,11 @@ def predicted_embeddings(model, batch, rng, cfg, rows_B=None, placement=None) ->
                               sample_rows=None if rows_B is None else token_rows(rows_B, t),
                               impl=cfg.get("impl", "auto"), weight_layout=layout,
                               **(placement or {}))
-        pred = jnp.take(table, stats.sampled_token, axis=0)
+        pred = embed_lookup(table, stats.sampled_token)
     elif prediction in ("argmax", "soft"):
         logits = jax.lax.stop_gradient(model.logits(hidden))
         if prediction == "argmax":
-            pred = jnp.take(table, jnp.argmax(logits, -1), axis=0)
+            pred = embed_lookup(table, jnp.argmax(logits, -1))
         else:
             probs = jax.nn.softmax(logits / temperature, axis=-1)
             pred = jnp.einsum("btv,vd->btd", probs, table.astype(jnp.float32))
@@ -142,7 +143,7 @@ def embed(model, batch, rng, ctx) -> jax.Array:
     r_pred, r_coin = jax.random.split(rng)
     # clipped like the model's own lookup: an out-of-range (pad) id would read NaN, which
     # 0-probability attention still spreads to every real token
-    gold = jnp.take(model.embed[...], batch.tokens, axis=0, mode="clip")
+    gold = embed_lookup(model.embed[...], batch.tokens)
     b, t = batch.tokens.shape
     rows = batch_rows(ctx, b)
     pred = predicted_embeddings(model, batch, r_pred, cfg, rows,
