@@ -208,12 +208,14 @@ def constrain(x, logical_axes):
         return x
     mesh, rules = ctx
     spec = logical_to_mesh(logical_axes, rules)
-    if fit_spec(spec, x.shape, mesh) != spec:
-        # once per shape (warnings dedupe by message): every device then computes these rows
-        warnings.warn(f"Activations of shape {tuple(x.shape)} do not split over the mesh axes "
-                      f"{spec} ({dict(mesh.shape)}): the partitioner lays them out instead, often "
-                      f"replicated. Make the (micro-)batch a multiple of the batch shards.",
-                      stacklevel=2)
+    fitted = fit_spec(spec, x.shape, mesh)
+    if fitted != spec:
+        # warnings dedupe by message: once per unsplittable size, not per layer or sequence length
+        bad = [(name, size) for name, size, want, got in zip(logical_axes, x.shape, spec, fitted)
+               if want != got]
+        warnings.warn(f"Activation dimension(s) {bad} do not split over the mesh axes "
+                      f"{dict(mesh.shape)}: the partitioner lays them out instead, often "
+                      f"replicated. Make the (micro-)batch a multiple of the batch shards.")
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 

@@ -105,7 +105,7 @@ def test_fsdp_shards_the_batch_not_the_hidden_states():
 
 def test_micro_batches_the_batch_shards_do_not_divide_are_named():
     cfg = tiny_config(**{"mesh.num_devices": 8, "mesh.data": 8, "batch_size": 8, "grad_accum": 2})
-    with pytest.warns(UserWarning, match=r"shape \(4, .*do not split over the mesh axes"):
+    with pytest.warns(UserWarning, match=r"\[\(.batch., 4\)\] do not split over the mesh axes"):
         _step_flops_per_device(cfg)
 
 
