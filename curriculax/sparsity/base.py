@@ -158,7 +158,7 @@ def base_optimizer(opt_config, total_steps: int, *, weight_decay=None, eps=None,
 
     wd = opt_config.weight_decay if weight_decay is None else weight_decay
     return optax.chain(
-        optax.clip_by_global_norm(opt_config.grad_clip),
+        optim.clip_by_global_norm(opt_config.grad_clip),
         optax.adamw(optim.schedule(opt_config, total_steps), b1=opt_config.b1, b2=opt_config.b2,
                     eps=opt_config.eps if eps is None else eps, weight_decay=wd,
                     mask=optim.decay_mask if decay_mask is None else decay_mask),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -26,9 +27,30 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def global_norm(tree) -> jax.Array:
+    """The float32 L2 norm of a pytree (``optax.tree.norm`` sums the leaves' squares in their own
+    dtype: bfloat16 gradients gave a bfloat16 norm off by ~5% with 300 leaves)."""
+    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` with the norm in float32 (optax's is a bfloat16 sum for
+    bfloat16 gradients, so the clip threshold was ~5% off); leaves keep their dtype."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
+        clipped = jax.tree.map(lambda g: jnp.where(norm < max_norm, g, (g * scale).astype(g.dtype)),
+                               updates)
+        return clipped, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(opt_config, total_steps: int) -> optax.GradientTransformation:
     return optax.chain(
-        optax.clip_by_global_norm(opt_config.grad_clip),
+        clip_by_global_norm(opt_config.grad_clip),
         optax.adamw(schedule(opt_config, total_steps), b1=opt_config.b1, b2=opt_config.b2,
                     eps=opt_config.eps, weight_decay=opt_config.weight_decay, mask=decay_mask),
     )
