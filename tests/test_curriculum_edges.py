@@ -81,3 +81,12 @@ def test_designer_leaves_out_categories_without_rows():
     assert len(conf.stages) == 3 and all("empty" not in s["categories"] for s in conf.stages)
     state = ordering.init(conf, data.bank.meta())  # every stage admits rows of the bank
     assert state.stages.ends == (10, 20, 30)
+
+
+def test_ordering_random_shuffles_whatever_the_tie_break():
+    """kind="random" with tie_break="index" sorted the rows by index: the identity, not a shuffle."""
+    meta = make_meta(np.zeros(32), np.ones(32), names=["c0"])
+    perms = {tb: np.asarray(ordering.init(cfg(name="ordering", kind="random", tie_break=tb, seed=3),
+                                          meta).perm) for tb in ("index", "random")}
+    np.testing.assert_array_equal(perms["index"], perms["random"])
+    assert sorted(perms["index"]) == list(range(32)) and (perms["index"] != np.arange(32)).any()

@@ -99,13 +99,13 @@ def permutation(cfg, meta: BankMeta) -> jax.Array:
     """The ordering's permutation of the bank rows, as int32 [E]."""
     e = meta.num_examples
     kind = cfg.kind
-    tie = (jnp.arange(e, dtype=jnp.int32) if cfg.tie_break == "index"
-           else sampling.random_ranks(jax.random.PRNGKey(cfg.seed), e))
+    shuffle = sampling.random_ranks(jax.random.PRNGKey(cfg.seed), e)
+    tie = jnp.arange(e, dtype=jnp.int32) if cfg.tie_break == "index" else shuffle
     d = meta.difficulty.astype(jnp.int32)
     k = meta.num_categories
     cat = jnp.asarray(_category_rank(cfg, meta))[meta.category.astype(jnp.int32)]
-    if kind == "random":
-        return sampling.sort_order(tie)
+    if kind == "random":  # a shuffle whatever the tie-break (there are no ties to break)
+        return sampling.sort_order(shuffle)
     if kind == "curriculum":
         return sampling.sort_order(d, tie)
     if kind == "anti":
