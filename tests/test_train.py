@@ -11,6 +11,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -579,3 +580,20 @@ def test_clip_by_global_norm_measures_bf16_gradients_in_float32():
     assert abs(got / (0.99 * norm) - 1) < 2e-3
     unchanged, _ = optim.clip_by_global_norm(1.01 * norm).update(leaves, clip.init(leaves))
     assert all((a == b).all() for a, b in zip(unchanged, leaves))
+
+
+def test_stat_sel_trains_on_streamed_pools():
+    """STAT-Sel keeps per-skill counts and weighs a pool's rows by their labels, so it runs on
+    streamed pools (it was refused like the per-row curricula)."""
+    cfg = tiny_config(steps=4, **{"data.pool_size": 16})
+    cfg.curriculum = ml_collections.ConfigDict({"name": "stat_sel"})
+    exp = build(cfg)
+    state = exp.init_state()
+    step = jit_steps(exp.train_step(), 1, exp.state_shardings, exp.bank_shardings)
+    from curriculax.data import pipeline
+
+    for t in range(2):
+        state, m = step(state, pipeline.pool_at(exp.pools, exp.bank.info, t))
+    # a weak model fails every row: each category's and level's skill counted a failure
+    assert int(state.step) == 2 and np.isfinite(m["loss"]).all()
+    assert (np.asarray(state.curriculum.missing) > 0).sum() >= 2

@@ -177,4 +177,5 @@ def summarize(state: StatSelState):
     return {"profile": profile(state), "failure_rate": rate}
 
 
-stat_sel = register("stat_sel", Curriculum(init, sample, update, summarize))
+# Its state is per skill and the rows it weighs are looked up by label, so streamed pools work.
+stat_sel = register("stat_sel", Curriculum(init, sample, update, summarize, pool_safe=True))

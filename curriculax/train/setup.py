@@ -239,7 +239,8 @@ def build(cfg) -> Experiment:
         raise ValueError(f"config.curriculum.name={cfg.curriculum.name!r} builds its order / per-row "
                          f"state from the bank at init, but with config.data.pool_size="
                          f"{d.pool_size} every step streams a different pool of rows: use the "
-                         f"resident bank (data.pool_size=0) or curriculum 'uniform'.")
+                         f"resident bank (data.pool_size=0) or a curriculum that works on pools: "
+                         f"{[n for n in curricula.names() if curricula.get(n).pool_safe]}.")
     objective = objectives.get(cfg.objective.name)
 
     exp = Experiment(cfg, mesh, rules, tokenizer, train_data, eval_data, bank, model_config,
