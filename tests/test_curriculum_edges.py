@@ -90,3 +90,21 @@ def test_ordering_random_shuffles_whatever_the_tie_break():
                                           meta).perm) for tb in ("index", "random")}
     np.testing.assert_array_equal(perms["index"], perms["random"])
     assert sorted(perms["index"]) == list(range(32)) and (perms["index"] != np.arange(32)).any()
+
+
+def test_skill_it_skill_without_held_out_rows_counts_as_the_mean():
+    """Skill c2 has one row, kept for training: no held-out rows.  Its L(0) was the probe loss of
+    whatever row its empty pool pointed at (here 9.0), and its round means were 0 ("learned")."""
+    meta = make_meta(np.r_[np.arange(20) % 2, 2], np.ones(21), names=["c0", "c1", "c2"])
+    state = skill_it.init(cfg(name="skill_it", update_steps=1, holdout_per_skill=4,
+                              total_steps=10), meta)
+    assert np.asarray(state.pool_size).tolist() == [4, 4, 0]
+    idx = jnp.asarray([0, 1], jnp.int32)
+    fb = Feedback(indices=idx, loss=jnp.ones(2), token_accuracy=jnp.ones(2),
+                  category=meta.category[idx], difficulty=meta.difficulty[idx],
+                  weights=jnp.ones(2), step=jnp.int32(0),
+                  probe_indices=skill_it.probe(state, None, meta),
+                  probe_loss=jnp.asarray([1.0, 3.0, 9.0]))
+    state = jax.jit(skill_it.update)(state, fb)
+    np.testing.assert_allclose(state.history[-2:], [[1.0, 3.0, 2.0]] * 2)
+    np.testing.assert_allclose(state.val_loss, [1.0, 3.0, 2.0])

@@ -20,7 +20,8 @@ of them per skill, forward only, rotating through the pool. The history starts w
 loss of the first round's first step (the paper's step-0 evaluation, ``L(0)``) and gets one entry
 per round, the mean probe loss of each skill over the round (design choice: the code evaluates
 the whole validation set at checkpoints; rotating keeps the per-step probe cost at
-``k * probe_per_skill`` rows). Steps without probes (the RL and preference trainers run none)
+``k * probe_per_skill`` rows).  A skill with a single row keeps it for training and has no
+held-out rows: its entries are the measured skills' mean. Steps without probes (the RL and preference trainers run none)
 are an error, not a silent uniform mixture.
 
 Skills graph ``A`` (``k x k``, ``A_ij`` = how much training on ``i`` helps ``j``):
@@ -221,8 +222,9 @@ def update(state: SkillItState, feedback: Feedback) -> SkillItState:
         return (jnp.where(when, jnp.roll(history, -1, axis=0).at[-1].set(entry), history),
                 jnp.where(when, jnp.minimum(filled + 1, history.shape[0]), filled))
 
-    history, filled = push(state.history, state.filled, probe_mean, t == k * est)  # L(0)
-    history, filled = push(history, filled, mean, round_end)
+    history, filled = push(state.history, state.filled, _measured(probe_mean, valid),
+                           t == k * est)  # L(0)
+    history, filled = push(history, filled, _measured(mean, valid), round_end)
     rows = jnp.arange(history.shape[0]) >= history.shape[0] - filled
     loss_sum = jnp.where(filled > 0, jnp.sum(jnp.where(rows[:, None], history, 0.0), 0),
                          jnp.ones((k,), jnp.float32))
@@ -230,7 +232,15 @@ def update(state: SkillItState, feedback: Feedback) -> SkillItState:
     return state.replace(
         p=p, graph=graph, history=history, filled=filled, baseline=baseline,
         acc_sum=jnp.where(reset, 0.0, acc_sum), acc_n=jnp.where(reset, 0.0, acc_n),
-        val_loss=jnp.where(round_end, mean, state.val_loss))
+        val_loss=jnp.where(round_end, _measured(mean, valid), state.val_loss))
+
+
+def _measured(loss, valid):
+    """Per-skill losses where a skill without held-out rows (a single row, kept to train) counts
+    as the measured skills' mean: a neutral weight.  Its probe reads another skill's row, and 0
+    would read as "learned" and starve it."""
+    neutral = jnp.sum(loss * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+    return jnp.where(valid > 0, loss, neutral)
 
 
 def summarize(state: SkillItState):
