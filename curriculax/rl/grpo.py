@@ -41,7 +41,8 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "dr_g
 def advantages(rewards_PxG, eps: float = 1e-6, *, std: str = "bessel") -> jax.Array:
     """Group-normalized advantages ``[P, G]``; all-equal groups give exactly 0.
 
-    A group of one response has ``mu = 0, sigma = 1`` (verl), so ``A = r / (1 + eps)``.
+    A group of one response has ``mu = 0, sigma = 1`` (verl), so ``A = r / (1 + eps)``
+    (``A = r`` with ``std="none"``, which divides by nothing).
     """
     if std not in STD_MODES:
         raise ValueError(f"rl.advantage_std={std!r}: choose one of {STD_MODES}.")
