@@ -1,6 +1,8 @@
 """CorDA end to end: covariances from the model's layer inputs, the jitted decomposition, and a
 LoRA run that starts exactly at the pretrained model."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,8 +53,8 @@ def test_corda_lora_run_starts_at_the_pretrained_model(tmp_path):
     cfg = tiny_config(**{"optimizer.warmup_steps": 0})
     targets = r"layers/\d+/(attn/(q|v)|mlp/down)$"
     lora_cfg = corda.prepare(cfg, tmp_path, rank=4, targets=targets, samples=16, batch_size=8)
-    assert (tmp_path / "corda_covariances.npz").exists()
-    assert lora_cfg.sparsity.corda.endswith("corda_covariances.npz")
+    path = pathlib.Path(lora_cfg.sparsity.corda)
+    assert path.parent == tmp_path and path.name.startswith("corda_covariances-") and path.exists()
     plain, plain_states, plain_losses = _stepwise(cfg, 1)
     exp, states, losses = _stepwise(lora_cfg, 3)
     # W_res + A B = W: the first step sees exactly the starting model's loss.
@@ -95,12 +97,12 @@ def test_prepare_counts_real_tokens_only(tmp_path, monkeypatch):
 
 
 def test_covariance_file_with_more_paths_than_the_targets(tmp_path):
-    """A rerun of prepare with narrower targets reuses the file: only the targets decompose."""
+    """A covariance file that holds more paths than the targets: only the targets decompose."""
     from curriculax.train import build
 
     cfg = tiny_config()
-    corda.prepare(cfg, tmp_path, rank=4, samples=16, batch_size=8)  # every projection
-    narrow = corda.prepare(cfg, tmp_path, rank=4, targets=r"layers/\d+/attn/q$")
+    narrow = corda.prepare(cfg, tmp_path, rank=4, samples=16, batch_size=8)  # every projection
+    narrow.sparsity.targets = r"layers/\d+/attn/q$"
     exp = build(narrow)
     state = exp.init_state()
     assert set(state.params["lora"]) == {"layers/0/attn/q", "layers/1/attn/q"}
@@ -131,3 +133,20 @@ def test_prepare_with_streaming_pools_reads_the_training_records(tmp_path, monke
     for (t0, m0), (t1, m1) in zip(seen[0], seen[64]):
         np.testing.assert_array_equal(t1, t0)
         np.testing.assert_array_equal(m1, m0)
+
+
+def test_prepare_reuses_a_file_only_for_the_same_calibration(tmp_path, monkeypatch):
+    """The file was one fixed name: a kpm run after an ipm run in the same workdir silently reused
+    the task's covariances instead of the knowledge rows'."""
+    runs = []
+    monkeypatch.setattr(corda, "collect_covariances",
+                        lambda model, batches, pattern=None: (runs.append(len(batches)), {})[1])
+    cfg = tiny_config()
+    knowledge = [{"id": f"k{i}", "prompt": "Capital of France?", "response": "#### Paris",
+                  "category": "facts", "difficulty": 1} for i in range(3)]
+    ipm = corda.prepare(cfg, tmp_path, rank=4, samples=16, batch_size=8)
+    assert corda.prepare(cfg, tmp_path, rank=4, samples=16, batch_size=8) == ipm and len(runs) == 1
+    kpm = corda.prepare(cfg, tmp_path, rank=4, mode="kpm", calibration=knowledge, batch_size=8)
+    other = corda.prepare(cfg, tmp_path, rank=4, samples=8, batch_size=8)
+    paths = {ipm.sparsity.corda, kpm.sparsity.corda, other.sparsity.corda}
+    assert len(paths) == 3 and all(pathlib.Path(p).exists() for p in paths) and len(runs) == 3

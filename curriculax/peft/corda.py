@@ -24,8 +24,8 @@ Pipeline:
 2. :func:`prepare` does this for a config's starting model (``model.init_from`` /
    ``model.hf_path`` / random) on its training data (``ipm``: the task) or on other data passed
    as ``calibration`` records (``kpm``: the knowledge to keep), damps the covariances on the
-   host and writes them to ``<workdir>/corda_covariances.npz``. It returns the ``lora`` config
-   whose ``init_params`` decomposes every target inside the jitted init
+   host and writes them to ``<workdir>/corda_covariances-<key>.npz``. It returns the ``lora``
+   config whose ``init_params`` decomposes every target inside the jitted init
    (:func:`decompose_jnp`): the frozen base becomes ``W_res`` and the adapters start at
    ``(a, b)`` with scale 1 (``alpha = rank``), so training starts exactly at the pretrained model.
 
@@ -216,6 +216,21 @@ def init_from_file(params, path, rank: int, mode: str, paths=None):
                            lambda w, c: decompose_jnp(w, c[0], c[1], rank, mode))
 
 
+def _calibration_key(cfg, calibration, samples: int, targets: str) -> str:
+    """A short hash of everything the covariances depend on (a file for other calibration data,
+    e.g. ``kpm``'s knowledge rows after an ``ipm`` run, must not be reused)."""
+    import hashlib
+    import json
+
+    spec = {"model": cfg.model.to_dict(), "samples": samples, "targets": targets,
+            "data": cfg.data.to_dict() if calibration is None else {
+                k: cfg.data[k] for k in ("seq_len", "template")},
+            "seed": cfg.seed if calibration is None else None,
+            "calibration": None if calibration is None else list(calibration)}
+    blob = json.dumps(spec, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
 def prepare(cfg, workdir, *, rank: int | None = None, mode: str | None = None,
             targets: str | None = None, calibration: Sequence[dict] | None = None,
             samples: int | None = None, batch_size: int = 16):
@@ -223,7 +238,9 @@ def prepare(cfg, workdir, *, rank: int | None = None, mode: str | None = None,
 
     The calibration rows are ``calibration`` records (e.g. knowledge questions for ``kpm``)
     or the first ``samples`` training rows; their prompt and response tokens count. The file
-    is written once (``<workdir>/corda_covariances.npz``); a rerun reuses it.
+    (``<workdir>/corda_covariances-<key>.npz``) is named by a hash of what the covariances
+    depend on (the starting model, the data config or ``calibration``, ``samples``,
+    ``targets``): a rerun with the same inputs reuses it, other inputs get their own file.
     """
     import pathlib
 
@@ -241,7 +258,7 @@ def prepare(cfg, workdir, *, rank: int | None = None, mode: str | None = None,
     if mode not in ("ipm", "kpm"):
         raise ValueError(f"CorDA mode={mode!r}; expected 'ipm' or 'kpm'.")
     root = pathlib.Path(workdir)
-    path = root / "corda_covariances.npz"
+    path = root / f"corda_covariances-{_calibration_key(cfg, calibration, samples, targets)}.npz"
     if not path.exists():
         exp = setup.build(cfg)
         model = nnx.merge(exp.graphdef, exp.model_params(exp.init_state().params))
@@ -264,7 +281,7 @@ def prepare(cfg, workdir, *, rank: int | None = None, mode: str | None = None,
                    for lo in range(0, n, batch_size)]  # fixed shapes: one compilation
         covs = collect_covariances(model, batches, targets)
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / "corda_covariances.tmp.npz"
+        tmp = root / f"{path.stem}.tmp.npz"
         save_covariances(tmp, covs, damping=d["damping"], tolerance=d["tolerance"])
         tmp.replace(path)
     out = cfg.copy_and_resolve_references()
