@@ -252,6 +252,29 @@ def test_hft_worked_step_and_frozen_state():
     assert not np.any(np.asarray(state[0].trace["B"]))  # no optimizer-state update for B
 
 
+def test_weight_decay_skips_two_dimensional_biases():
+    """Qwen2's q/k/v biases are 2-D ``[heads, head_dim]``: "matrices only" must not decay them
+    (optim.decay_mask's promise), in the dense optimizer nor in the masked and selected ones."""
+    from curriculax.sparsity import select
+
+    cfg = tiny_config(**{"optimizer.weight_decay": 0.5, "optimizer.warmup_steps": 0,
+                         "optimizer.grad_clip": 1.0})
+    params = {"layers": {"0": {"attn": {"q": jnp.ones((4, 2, 2)), "q_bias": jnp.ones((2, 2))},
+                               "attn_norm": {"scale": jnp.ones(4)}}}}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    masks = jax.tree.map(lambda _: jnp.bool_(True), params)
+    opts = {"dense": (base.base_optimizer(cfg.optimizer, cfg.steps), {}),
+            "masked": (base.masked_dense(base.base_optimizer(cfg.optimizer, cfg.steps)),
+                       {"masks": masks}),
+            "select": (select.selection(cfg, params, r"attn/").optimizer,
+                       {"masks": jax.tree.map(lambda _: jnp.bool_(True), params)})}
+    for name, (opt, kw) in opts.items():
+        u, _ = opt.update(zeros, opt.init(params), params, **kw)
+        u = u["layers"]["0"]["attn"]
+        assert float(jnp.abs(u["q"]).max()) > 0, name  # the matrix decays
+        np.testing.assert_array_equal(np.asarray(u["q_bias"]), 0.0, err_msg=name)
+
+
 def test_hft_key_follows_the_run_seed_and_the_stage():
     """The paper resamples the half per stage: the key is not a constant."""
     cfg = tiny_config()

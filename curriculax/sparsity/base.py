@@ -27,7 +27,7 @@ them in :func:`curriculax.train.setup.build` before the model is built.
 
 A mask is a pytree shaped like the params. Each leaf is a boolean (a scalar: the whole matrix,
 or an array of the parameter's shape: per entry) or an ``int32 [k]`` set of flat (C-order)
-indices for sparse updates (LIFT). Frozen entries get an update of exactly ``+0.0``, weight decay
+indices for sparse updates (LIFT). Frozen entries get an update of exactly ``-0.0``, weight decay
 included, so they are bitwise unchanged after any number of steps.
 """
 

@@ -255,8 +255,10 @@ def build(config, abstract_params) -> base.Sparsity:
         raise ValueError(f"sparsity.include={cfg.include!r} matches no weight matrix.")
     decay = _pmap(lambda lp: lp.kind == "sparse", tree)  # compact leaves are 1-D: mask by plan
     if cfg.others == "dense":
-        decay = _pmap(lambda lp, p: lp.kind == "sparse" or (lp.kind == "dense" and p.ndim >= 2),
-                      tree, abstract_params)
+        from curriculax.train import optim
+
+        decay = _pmap(lambda lp, d: lp.kind == "sparse" or (lp.kind == "dense" and d),
+                      tree, optim.decay_mask(abstract_params))
     inner = base.base_optimizer(config.optimizer, config.steps, weight_decay=cfg.weight_decay,
                                 eps=cfg.eps, decay_mask=decay)
     optimizer = sparse_state(inner, tree)

@@ -54,8 +54,10 @@ def selection(config, abstract_params, include: str, *, what: str = "sparsity.in
     kinds = [lp.kind for lp in jax.tree.leaves(plan, is_leaf=lift._is_plan)]
     if "dense" not in kinds:
         raise ValueError(f"{what}={include!r} matches no parameter.")
-    decay = jax.tree.map(lambda lp, p: lp.kind == "dense" and len(p.shape) >= 2, plan,
-                         abstract_params, is_leaf=lift._is_plan)
+    from curriculax.train import optim
+
+    decay = jax.tree.map(lambda lp, d: lp.kind == "dense" and d, plan,
+                         optim.decay_mask(abstract_params), is_leaf=lift._is_plan)
     inner = base.base_optimizer(config.optimizer, config.steps, weight_decay=weight_decay,
                                 decay_mask=decay)
     optimizer = lift.sparse_state(inner, plan)

@@ -22,9 +22,17 @@ def schedule(opt_config, total_steps: int) -> optax.Schedule:
     return per_step if k == 1 else (lambda count: per_step(count // k))
 
 
+def decays(path, p) -> bool:
+    """Matrices decay; norms' scales and biases do not (Qwen2's ``q_bias`` is 2-D
+    ``[heads, head_dim]``, so the leaf's name decides, not only its rank)."""
+    last = path[-1] if path else None
+    name = str(getattr(last, "key", getattr(last, "name", last)))
+    return p.ndim >= 2 and not name.endswith("bias")
+
+
 def decay_mask(params):
     """Weight decay on matrices only: norms' scales and biases are not shrunk toward 0."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def global_norm(tree) -> jax.Array:
