@@ -20,9 +20,9 @@ of them per skill, forward only, rotating through the pool. The history starts w
 loss of the first round's first step (the paper's step-0 evaluation, ``L(0)``) and gets one entry
 per round, the mean probe loss of each skill over the round (design choice: the code evaluates
 the whole validation set at checkpoints; rotating keeps the per-step probe cost at
-``k * probe_per_skill`` rows).  A skill with a single row keeps it for training and has no
-held-out rows: its entries are the measured skills' mean. Steps without probes (the RL and preference trainers run none)
-are an error, not a silent uniform mixture.
+``k * probe_per_skill`` rows). A skill with a single row keeps it for training and has no
+held-out rows: its entries are the measured skills' mean. Steps without probes (the RL and
+preference trainers run none) are an error, not a silent uniform mixture.
 
 Skills graph ``A`` (``k x k``, ``A_ij`` = how much training on ``i`` helps ``j``):
 ``graph="identity"`` (the "no graph" fallback), ``"given"`` (``graph_matrix``, row-major; with

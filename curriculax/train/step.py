@@ -144,8 +144,9 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
                                          ctx, rows)
             return jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads), (loss, aux)
 
-        # The sum runs in float32 whatever the weights' dtype: bfloat16 sums of 64 micro-batches
-        # were ~4x further from the full-batch gradient than float32 ones.
+        # The sum runs in float32 whatever the weights' dtype (one float32 copy of the params
+        # while accumulating): bfloat16 sums of 64 micro-batches were 1.0e-2 (relative) from
+        # the full batch's gradient, float32 sums 3.6e-3.
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
                              state.params)
         grads, (losses, aux) = jax.lax.scan(body, zeros, micro)
