@@ -49,6 +49,7 @@ def test_jnp_decomposition_matches_numpy():
             corda.decompose_jnp(w, c, np.linalg.inv(c), bad, "kpm")
 
 
+@pytest.mark.slow
 def test_corda_lora_run_starts_at_the_pretrained_model(tmp_path):
     cfg = tiny_config(**{"optimizer.warmup_steps": 0})
     targets = r"layers/\d+/(attn/(q|v)|mlp/down)$"

@@ -95,6 +95,7 @@ _MESH = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1}
 _RUN = {**TINY_FLAGS, "steps": 4, "eval_every": 4, "checkpoint_every": 4, "plots": False}
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_and_restore_in_one(tmp_path):
     multi = {**_RUN, **_MESH, "mesh.num_devices": 0, "mesh.dcn_data": 2}
     _two_process_train(multi, tmp_path / "two")
@@ -121,6 +122,7 @@ def test_two_processes_equal_one_process_and_restore_in_one(tmp_path):
     np.testing.assert_array_equal(jax.device_get(restored.rng), reference.rng)
 
 
+@pytest.mark.slow
 def test_two_processes_train_a_curriculum_that_reads_the_bank_at_init(tmp_path):
     """SEC builds its arms from the bank's categories at init: in two processes the global
     bank spans both, so init_state must take it as an argument (jit cannot embed it), and its

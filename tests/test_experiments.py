@@ -149,3 +149,18 @@ def test_sec_rl(tmp_path):
          "--max-new-tokens", 8, "--workdir", tmp_path / "runs", "--out", out)
     _has_table_row(out)
     assert (tmp_path / "res" / "sec_rl_q.png").is_file()
+
+
+def test_suite_timing(tmp_path):
+    log = tmp_path / "ci.log"
+    log.write_text("1.50s call     tests/test_a.py::test_x\n0.50s setup    tests/test_a.py::test_x\n"
+                   "30.00s call     tests/test_b.py::test_slow\n"
+                   "===== 2 passed, 1 skipped, 3 warnings in 40.00s (0:00:40) =====\n")
+    slow = tmp_path / "slow.txt"
+    slow.write_text("tests/test_b.py::test_slow\n")
+    out = tmp_path / "timing.md"
+    _run("suite_timing.py", "--ci-log", log, "--slow-ids", slow, "--out", out)
+    text = out.read_text()
+    assert "| `.ci/run` (every test) | 2 passed, 1 skipped | 0.6667 |" in text
+    assert "| `make test`'s tests inside the `.ci/run` log | 1 timed | 0.03333 |" in text
+    assert "| slow tests inside the `.ci/run` log | 1 timed | 0.5 |" in text

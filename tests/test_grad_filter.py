@@ -217,6 +217,7 @@ def test_filtered_backward_lowers_for_triton():
     assert text.count("__gpu$xla.gpu.triton") >= 3
 
 
+@pytest.mark.slow
 def test_train_step_config_key():
     """``config.objective.grad_filter_eps`` reaches the kernel from a train step: the loss is the
     exact one, the gradient moves (a little) with pallas_gpu and not at all with xla_chunked."""

@@ -122,6 +122,7 @@ def test_left_pad_prompts():
     np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 1, 1]])
 
 
+@pytest.mark.slow
 def test_rollout_equals_decode_and_is_reproducible():
     model = _tiny_model()
     prompt, mask = left_pad_prompts(jnp.array([[5, 6, 7], [8, 9, 1]]), jnp.array([3, 2]), 3, 0)

@@ -141,6 +141,7 @@ def _run(cfg, params):
     return exp, state, np.asarray(m["loss"])
 
 
+@pytest.mark.slow
 def test_tiny_edit_run_reaches_high_edit_success():
     """Base model memorizes the pre-edit world (200 steps), then LocFT-BF learns 16 edits
     (50 epochs x 2 batches of 8, lr 1e-2). Measured on seeds 0-3: edit success 1.0, paraphrase

@@ -74,6 +74,7 @@ def test_lora_in_trainer_updates_only_adapters():
     assert lift.state_bytes(states[-1].opt_state) < 0.1 * lift.state_bytes(states[0].params["base"])
 
 
+@pytest.mark.slow
 def test_adapter_init_follows_the_run_seed_unless_fixed():
     """Runs with seeds 0 and 1 must not start from the same A (PEFT draws it from the trainer's
     seed); ``sparsity.seed`` fixes it across runs."""
@@ -99,6 +100,7 @@ def _model_and_adapters(dtype, pattern=r"attn/[qkvo]$|mlp/(gate|up|down)$"):
     return cfg, graphdef, params, ad
 
 
+@pytest.mark.slow
 def test_unmerged_forward_equals_merged_in_float32_values_and_adapter_grads():
     cfg, graphdef, params, ad = _model_and_adapters("float32", r"attn/[qkvo]$|mlp/(gate|up|down)$|embed")
     ad = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(2), x.shape), ad)

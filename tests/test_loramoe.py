@@ -184,6 +184,7 @@ def test_train_run_one_and_eight_devices(tmp_path):
     np.testing.assert_allclose(one, eight, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_init_from_a_plain_run_adds_the_experts(tmp_path):
     """``model.init_from`` a run without experts (an SFT warm-up): its weights, new experts."""
     from curriculax.train import build, checkpoint

@@ -155,6 +155,7 @@ def test_top_p_filter_keeps_nucleus():
     assert jnp.isfinite(top_p_filter(logits, 1.0)).all()
 
 
+@pytest.mark.slow
 def test_sharded_2x4_mesh_matches_single_device():
     assert len(jax.devices()) >= 8, "tests expect 8 simulated devices (see conftest.py)"
     model = _model("qwen2", num_heads=8, num_kv_heads=4, head_dim=8)
@@ -180,6 +181,7 @@ def test_logical_rules_and_fitting():
         sharding.make_mesh(data=3, fsdp=1, tensor=1)
 
 
+@pytest.mark.slow
 def test_bf16_embedding_gradient_of_a_frequent_token_accumulates_in_float32():
     """The lookup's gradient is a scatter-add over every occurrence of a token: in a bfloat16
     table's own dtype a token seen ~1000 times stagnates (bf16 sums of O(1) terms stop growing

@@ -3,11 +3,13 @@
 import pathlib
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "colab" / "quickstart.ipynb"
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("CURRICULAX_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("CURRICULAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))

@@ -71,6 +71,7 @@ def test_trains_without_nans(case):
         jax.tree.map(np.testing.assert_array_equal, state.ref_params, before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["otr", "scheduled_sampling"])
 def test_grad_accumulation_draws_the_full_batch_samples(case):
     """Random draws are keyed by the example's row in the step's batch, so micro-batches sample
@@ -88,6 +89,7 @@ def test_trains_without_nans_slow(case):
     test_trains_without_nans(case)
 
 
+@pytest.mark.slow
 def test_scheduled_sampling_runs_its_sampling_head_like_the_loss_head(monkeypatch):
     """Pass 1's sampling head goes through the step's placement (mesh, rules, shard_map): under
     shard_map on 8 devices, as a Pallas kernel must be, with the 1-device samples."""

@@ -48,6 +48,7 @@ def _run_steps(cfg, n):
     return exp, state, history
 
 
+@pytest.mark.slow
 def test_grpo_with_sec_on_countdown_under_8_devices(tmp_path):
     cfg = rl_config(**{"data.source": "countdown", "data.min_difficulty": 2,
                        "data.seq_len": 240, "model.max_seq_len": 256,
@@ -69,6 +70,7 @@ def test_grpo_with_sec_on_countdown_under_8_devices(tmp_path):
     assert q.shape == (2,) and np.all(np.isfinite(q))
 
 
+@pytest.mark.slow
 def test_grpo_learns_a_toy_reward_and_feeds_sec():
     cfg = rl_config(**{"rl.rewards": (("test_starts_with_digit", 1.0),), "rl.group_size": 8,
                        "rl.max_new_tokens": 2, "optimizer.lr": 1e-2, "optimizer.warmup_steps": 1,
@@ -83,6 +85,7 @@ def test_grpo_learns_a_toy_reward_and_feeds_sec():
     assert np.all(np.asarray(state.curriculum.q) >= 0) and np.asarray(state.curriculum.q).max() > 0
 
 
+@pytest.mark.slow
 def test_sec_q_moves_toward_the_arm_with_larger_advantages():
     cfg = rl_config(**{"rl.rewards": (("test_coin_on_hard_rows", 1.0),), "rl.group_size": 4,
                        "data.max_difficulty": 2, "data.eval_max_difficulty": 2, "steps": 6})
@@ -96,6 +99,7 @@ def test_sec_q_moves_toward_the_arm_with_larger_advantages():
     assert p[1] > 0.5 > p[0]
 
 
+@pytest.mark.slow
 def test_rl_step_with_remat_equals_without():
     """Rollouts decode inside the jitted step; remat must not break them (it once raised
     TraceContextError from the decode loop) nor change the update."""
@@ -111,6 +115,7 @@ def test_rl_step_with_remat_equals_without():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p0, p1)
 
 
+@pytest.mark.slow
 def test_loramoe_balancing_loss_joins_the_rl_and_relift_losses():
     """The RL update and ReLIFT's SFT pass add LoRAMoE's sown balancing loss, as the SFT step
     does. No reward (zero advantages) and lr 0: the RL loss is the balancing loss alone and the
@@ -145,6 +150,7 @@ def test_relift_buffer_worked_example():
     np.testing.assert_allclose(loss, 0.999, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_relift_interleaves_sft_on_unsolved_prompts():
     # Nothing is ever solved: every prompt is "hardest".
     cfg = rl_config(**{"rl.relift": True, "rl.rewards": (("test_never", 1.0),), "rl.relift_sft_size": 6, "rl.relift_capacity": 16,
@@ -158,6 +164,7 @@ def test_relift_interleaves_sft_on_unsolved_prompts():
     assert len(sft) == 2 and sft[1] < sft[0]
 
 
+@pytest.mark.slow
 def test_spin_starts_at_log2_and_swaps_the_opponent():
     cfg = rl_config(**{"trainer": "spin", "rl.spin_steps_per_iteration": 2,
                        "optimizer.warmup_steps": 0, "optimizer.lr": 1e-2,
@@ -189,6 +196,7 @@ def test_nft_loss_runs_in_the_rl_step(monkeypatch):
     assert (mode, t_max) == ("dr_grpo", cfg.rl.max_new_tokens) and width > t_max
 
 
+@pytest.mark.slow
 def test_lr_schedule_counts_train_steps_with_several_updates_per_step():
     """inner_steps x minibatches optimizer updates per train step must not run the warmup-cosine
     schedule that many times faster: every update of train step s uses the SFT schedule's lr(s)."""
@@ -329,6 +337,7 @@ def _shrink(cfg, **over):
     return cfg
 
 
+@pytest.mark.slow
 def test_curr_reft_stages_chain_through_init_from(tmp_path):
     prev = tmp_path / "warmup"
     out = train_loop(_shrink(_config_file("curr_reft", "warmup")), prev)
@@ -345,6 +354,7 @@ def test_curr_reft_stages_chain_through_init_from(tmp_path):
         prev = tmp_path / stage
 
 
+@pytest.mark.slow
 def test_s3ft_prepare_writes_targets_and_trains(tmp_path):
     import json
 

@@ -74,6 +74,7 @@ def test_axes_that_do_not_divide_are_replicated():
     np.testing.assert_allclose(st.target_logprob, ref.target_logprob, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_step_with_pallas_under_shard_map_matches_one_device():
     from test_train import one_step, tiny_config  # tests/ is on sys.path under pytest
 

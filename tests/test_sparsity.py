@@ -197,6 +197,7 @@ def assert_trains_only(states, marker: str, changed=np.any) -> set[str]:
     return trained
 
 
+@pytest.mark.slow
 def test_lift_trains_only_selected_entries_and_refreshes_in_jit():
     cfg = tiny_config(**{"optimizer.weight_decay": 0.1, "optimizer.warmup_steps": 0})
     cfg.sparsity = sparsity.config("lift", filter_rank=4, lora_rank=2, refresh_every=2)
@@ -291,6 +292,7 @@ def test_hft_key_follows_the_run_seed_and_the_stage():
     assert len({tuple(np.asarray(k)) for k in keys}) == 4
 
 
+@pytest.mark.slow
 def test_hft_switches_halves_on_schedule_and_freezes_bitwise():
     # On 8 simulated devices (data 2, fsdp 2, tensor 2).
     cfg = tiny_config(**{"optimizer.weight_decay": 0.1, "optimizer.warmup_steps": 0, **EIGHT})
@@ -412,6 +414,7 @@ def test_select_embedding_only_tuning():
     assert moments == 2 * before["embed"].size
 
 
+@pytest.mark.slow
 def test_frozen_parameters_cost_no_weight_gradients():
     """A fixed selection (here the norms) stops the gradients of everything else: the step
     skips the frozen weights' gradient GEMMs, and grad_norm is the trained leaves' norm (it was

@@ -50,6 +50,7 @@ def one_step(cfg, bank=None):
     return step(state, exp.bank if bank is None else bank), exp
 
 
+@pytest.mark.slow
 def test_loss_ignores_prompt_targets_but_not_response_targets():
     cfg = tiny_config()
     (_, m0), exp = one_step(cfg)
@@ -63,6 +64,7 @@ def test_loss_ignores_prompt_targets_but_not_response_targets():
     assert abs(float(m2["loss"][0]) - float(m0["loss"][0])) > 1e-3
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_full_batch():
     (s1, m1), _ = one_step(tiny_config())
     (s2, m2), _ = one_step(tiny_config(grad_accum=4))
@@ -150,6 +152,7 @@ def _losses(workdir):
     return np.array([r["loss"] for r in metrics.read(workdir) if "loss" in r])
 
 
+@pytest.mark.slow
 def test_one_device_vs_eight_devices_same_loss_curve(tmp_path):
     assert len(jax.devices()) >= 8
     kw = {"steps": 20, "eval_every": 20, "checkpoint_every": 20}
@@ -179,6 +182,7 @@ def _final_state(workdir, cfg):
     return jax.device_get(state)
 
 
+@pytest.mark.slow
 def test_exact_resume_after_process_exit(tmp_path):
     """k steps in a process that exits (stop_at), then k more: bitwise equal to 2k straight."""
     cfg_file = "configs/quickstart.py"
@@ -216,6 +220,7 @@ def test_cli_rejects_unknown_config_key(tmp_path):
         assert proc.returncode != 0 and message in out and "Traceback" not in out, (args, out)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes(tmp_path):
     # far more steps than run before the signal lands (400 once finished first on a fast machine)
     flags = _flags({**TINY_FLAGS, "steps": 5000, "eval_every": 5000, "checkpoint_every": 5000})
@@ -232,6 +237,7 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     assert saved is not None and 0 < saved < 5000
 
 
+@pytest.mark.slow
 def test_preemption_on_a_checkpoint_step_and_misaligned_resume(tmp_path, monkeypatch):
     """A preemption flagged right at a checkpoint step saves once (it used to raise
     StepAlreadyExistsError), and a resume from a stop_at that is not a multiple of
@@ -252,6 +258,7 @@ def test_preemption_on_a_checkpoint_step_and_misaligned_resume(tmp_path, monkeyp
     assert checkpoint.manager(tmp_path / "odd", async_save=False).all_steps() == [3, 4, 8]
 
 
+@pytest.mark.slow
 def test_quickstart_command_end_to_end(tmp_path):
     proc = _cli("quickstart", f"--workdir={tmp_path}", *_flags(TINY_FLAGS))
     out, _ = proc.communicate(timeout=300)
@@ -268,6 +275,7 @@ def test_quickstart_command_end_to_end(tmp_path):
     assert summary["step"] == 8 and np.isfinite(summary["loss"])
 
 
+@pytest.mark.slow
 def test_train_command_prints_vector_curriculum_metrics(tmp_path):
     """`curriculax train` with SEC (per-arm `curriculum/q`) trained, then died in a traceback
     printing its result: json.dump's `default=float` cannot convert a vector."""
@@ -308,6 +316,7 @@ def test_vector_metrics_reach_tensorboard(tmp_path):
     assert sorted(calls) == [("curriculum/q/0", 0.25, 3), ("curriculum/q/1", 0.5, 3), ("loss", 1.5, 3)]
 
 
+@pytest.mark.slow
 def test_streaming_pools_same_structure_and_exact_resume(tmp_path):
     cfg = tiny_config(**{"data.pool_size": 16, "steps_per_dispatch": 2, "steps": 6,
                          "log_every": 2, "eval_every": 6, "checkpoint_every": 6})
@@ -373,6 +382,7 @@ def test_resume_with_an_incompatible_state_names_what_changed(tmp_path):
     mngr.close()
 
 
+@pytest.mark.slow
 def test_resume_on_other_rows_is_refused_and_keeps_the_config(tmp_path):
     """Another data seed gives a bank of the same size whose rows hold other examples: the
     restored per-row curriculum state would silently describe the wrong rows."""
@@ -554,6 +564,7 @@ def _step_gradients(cfg):
     return jax.tree.leaves(jax.jit(step)(state, exp.bank)[0].opt_state)
 
 
+@pytest.mark.slow
 def test_bf16_weights_accumulate_micro_batches_in_float32():
     """With bfloat16 weights the micro-batch gradients were summed in bfloat16: 64 micro-batches
     were 1.0e-2 (relative) from the full batch's gradient; summed in float32 they are 3.6e-3 (what
