@@ -19,12 +19,21 @@ def test_collected_covariances_equal_the_layer_inputs():
     model = Transformer(ModelConfig.tiny(), rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, 264)
     mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3], bool)
-    covs = corda.collect_covariances(model, [(tokens, mask), (tokens, mask)])
-    x = model.layers[0].attn_norm(jnp.take(model.embed[...], tokens, axis=0))
-    x = np.asarray(x)[np.asarray(mask)]
-    expect = 2 * x.T.astype(np.float64) @ x  # two identical batches
+    covs = corda.collect_covariances(model, [(tokens, mask), (tokens, mask)], normalize="none")
+    x = np.asarray(model.layers[0].attn_norm(jnp.take(model.embed[...], tokens, axis=0)),
+                   np.float64)
+    real = x[np.asarray(mask)]
+    expect = 2 * real.T @ real  # two identical batches
     for name in ("q", "k", "v"):
         np.testing.assert_allclose(covs[f"layers/0/attn/{name}"], expect, rtol=1e-4, atol=1e-4)
+    # The official normalization: each row scaled by its largest |x|, the mean over the rows
+    # (the padded row-less third row of a batch is not a sample).
+    rows = [x[b][np.asarray(mask[b])] for b in range(2)]
+    expect = sum(r.T @ r / np.abs(r).max() ** 2 for r in rows) / 2
+    padded = (jnp.concatenate([tokens, tokens[:1]]), jnp.concatenate([mask, mask[:1] & False]))
+    covs = corda.collect_covariances(model, [(tokens, mask), padded])
+    for name in ("q", "k", "v"):
+        np.testing.assert_allclose(covs[f"layers/0/attn/{name}"], expect, rtol=1e-4, atol=1e-5)
     d, f = model.config.hidden_size, model.config.intermediate_size
     assert covs["layers/1/mlp/down"].shape == (f, f) and covs["layers/1/mlp/up"].shape == (d, d)
     heads = model.config.num_heads * model.config.head_dim

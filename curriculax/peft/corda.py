@@ -18,7 +18,8 @@ formula (``C' = C``).
 Pipeline:
 
 1. :func:`collect_covariances` runs the frozen model over calibration rows and accumulates
-   ``C = Σ_tokens x xᵀ`` of every targeted projection's input (padding excluded), from the
+   ``C = X Xᵀ`` of every targeted projection's input (padding excluded; as the official code,
+   each row's inputs scaled by their largest ``|x|`` and ``C`` averaged over rows), from the
    inputs the model sows while ``record_inputs`` is on (``q/k/v`` share one input, as do
    ``gate/up``).
 2. :func:`prepare` does this for a config's starting model (``model.init_from`` /
@@ -136,12 +137,20 @@ def _set_recording(model, on: bool) -> None:
             module.record_inputs = on
 
 
-def collect_covariances(model, batches, pattern: str | None = None) -> dict[str, np.ndarray]:
-    """``{weight path: Σ x xᵀ}`` (float64) over the real tokens of ``batches``.
+def collect_covariances(model, batches, pattern: str | None = None, *,
+                        normalize: str = "sample") -> dict[str, np.ndarray]:
+    """``{weight path: input covariance [in, in]}`` (float64) over the real tokens of ``batches``.
 
     ``batches`` yields ``(tokens [B,T], mask [B,T])``; ``mask`` marks the tokens whose inputs
-    count (padding excluded). ``pattern`` (a path regex, as LoRA's ``targets``) limits the paths.
+    count (padding excluded; a row without any is not a sample). ``pattern`` (a path regex, as
+    LoRA's ``targets``) limits the paths. ``normalize="sample"`` (the official code and PEFT):
+    each row's inputs ``X`` are divided by their largest ``|x|`` and ``C`` is the mean over rows of
+    ``Xᵀ X``; ``"none"``: the raw ``Σ_tokens x xᵀ``. The singular vectors barely move between the
+    two, but ``Σ`` scales with ``C``, and with it the split of the product between ``B`` (``√Σ``)
+    and ``A`` (``√Σ C⁻¹``): the normalized ``C`` keeps the official adapters' magnitudes.
     """
+    if normalize not in ("sample", "none"):
+        raise ValueError(f"CorDA covariance normalize={normalize!r}; expected 'sample' or 'none'.")
     from flax import nnx
 
     from curriculax.models.layers import LayerInput
@@ -155,12 +164,20 @@ def collect_covariances(model, batches, pattern: str | None = None) -> dict[str,
             m = nnx.merge(graphdef, state)
             _, sown = nnx.capture(m, LayerInput)(tokens)
             w = mask.astype(jnp.float32)[..., None]
-            return jax.tree.map(lambda x: jnp.einsum("bti,btj->ij", x.astype(jnp.float32) * w,
-                                                     x.astype(jnp.float32)),
-                                nnx.to_pure_dict(sown))
+
+            def cov(x):
+                x = x.astype(jnp.float32) * w  # [B, T, in], padding zeroed
+                if normalize == "sample":
+                    peak = jnp.max(jnp.abs(x), axis=(1, 2), keepdims=True)
+                    x = x / jnp.where(peak > 0, peak, 1.0)
+                return jnp.einsum("bti,btj->ij", x, x)
+
+            return jax.tree.map(cov, nnx.to_pure_dict(sown))
 
         total: dict[str, np.ndarray] = {}
+        rows = 0
         for tokens, mask in batches:
+            rows += int(np.asarray(mask).any(axis=1).sum())
             sums = jax.device_get(one(state, jnp.asarray(tokens), jnp.asarray(mask)))
             for i, layer in sums["layers"].items():
                 for block, inputs in _INPUTS.items():
@@ -170,6 +187,8 @@ def collect_covariances(model, batches, pattern: str | None = None) -> dict[str,
                             path = f"layers/{i}/{block}/{name}"
                             if pattern is None or re.search(pattern, path):
                                 total[path] = total.get(path, 0.0) + cov
+        if normalize == "sample":
+            total = {k: v / max(rows, 1) for k, v in total.items()}
         return total
     finally:
         _set_recording(model, False)
