@@ -141,7 +141,10 @@ def build(config, abstract_params) -> base.Sparsity:
                         for name, (m, n) in shapes.items()}}
     plan = {"base": jax.tree.map(lambda _: lift.LeafPlan("frozen"), abstract_params),
             "lora": jax.tree.map(lambda _: lift.LeafPlan("dense"), wrapped["lora"])}
-    decay = jax.tree.map(lambda lp: lp.kind == "dense", plan, is_leaf=lift._is_plan)
+    # CorDA adapters hold a slice of the pretrained weight (W = W_res + B A): decay toward 0
+    # would erode the model itself, so they train without it (PEFT's Trainer default is 0 too).
+    decay = jax.tree.map(lambda lp: lp.kind == "dense" and not cfg.get("corda"), plan,
+                         is_leaf=lift._is_plan)
     inner = base.base_optimizer(config.optimizer, config.steps, decay_mask=decay)
     optimizer = lift.sparse_state(inner, plan)
     masks = jax.tree.map(lambda lp: jnp.bool_(lp.kind == "dense"), plan, is_leaf=lift._is_plan)
