@@ -45,13 +45,15 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """``optax.clip_by_global_norm`` with the norm in float32 (optax's is a bfloat16 sum for
     bfloat16 gradients, so the clip threshold was ~5% off); leaves keep their dtype."""
 
+    def clip(g, norm):
+        # optax's arithmetic, in float32 at least: float32 runs stay bitwise those of optax
+        wide = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+        return jnp.where(norm < max_norm, g, ((wide / norm) * max_norm).astype(g.dtype))
+
     def update_fn(updates, state, params=None):
         del params
         norm = global_norm(updates)
-        scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
-        clipped = jax.tree.map(lambda g: jnp.where(norm < max_norm, g, (g * scale).astype(g.dtype)),
-                               updates)
-        return clipped, state
+        return jax.tree.map(lambda g: clip(g, norm), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
