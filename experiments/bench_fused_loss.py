@@ -413,7 +413,9 @@ def _sweep(jax, jnp, n, d, v, iters, which="all"):
     for bm, bn, bk, nw, ns in [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)]:
         bwd(f"gemm=pallas tiles={bm},{bn},{bk} warps={nw} stages={ns} bwd_rows=2048", gemm="pallas", bwd_rows=2048,
             gemm_config=dict(blocks=(bm, bn, bk), num_warps=nw, num_stages=ns))
-    bwd("gemm=pallas bwd_rows=2048 dlogits bn=128 bv=256", gemm="pallas", bwd_rows=2048, block_n=128, block_v=256)
+    # 2048-row groups take (128, 256) dlogits tiles since 2026-11-27 (pallas_gpu.bwd_blocks); the
+    # (64, 128) ones they took before, for comparison
+    bwd("gemm=pallas bwd_rows=2048 dlogits bn=64 bv=128", gemm="pallas", bwd_rows=2048, block_n=64, block_v=128)
     # CCE's approximation: skip the update GEMMs of tiles whose probabilities are all < 2**-12
     for r in (None, 2048):
         bwd(f"gemm=pallas {best} bwd_rows={r} grad_filter_eps=2**-12", gemm="pallas", bwd_rows=r,

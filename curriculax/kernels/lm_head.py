@@ -63,7 +63,8 @@ group; none for float32 weights).  ``bwd_rows="auto"`` picks ``R`` so the
 accumulator stays under 3.5% of the gradients' size (at least 256 rows:
 :func:`xla.default_bwd_rows`); ``None`` (default) keeps one group, the
 fastest.  On an H100, ``pallas_gpu`` with ``"auto"`` holds 1.04-1.045x the
-gradients' size in all (default: 1.21-1.35x) for 1.18-1.21x the time.
+gradients' size in all (default: 1.21-1.35x) for 1.18-1.23x the time (measured
+with the 64x128 row-group tiles that :func:`pallas_gpu.bwd_blocks` has since replaced).
 ``pallas_tpu`` ignores it (its backward accumulates in VMEM).
 
 Gradient filtering (``grad_filter_eps``, the Pallas impls; default None = exact): the

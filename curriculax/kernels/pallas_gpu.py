@@ -55,13 +55,18 @@ rounding.  Block sizes must be powers of two >= 16 (Triton ``tl.dot``); the
 pipelining depth / inner ``block_d`` are reduced automatically to fit shared
 memory (:func:`_fit_smem`).
 
-Measured on H100s (jax 0.11.2, Triton 3.6; bf16, mean-CE objective, fwd+bwd;
-``experiments/results/fused_loss.md``): N=8192 d=2048 V=128256: 33.3 ms vs
-44.2 ms xla_naive (0.75x), Apple's CCE 48.4 ms, Liger 34.6 ms, extra memory
-1.21x the gradients; with ``bwd_rows="auto"`` 39.4 ms at 1.045x.  N=16384
-d=1536 V=151936: 64.0 ms vs 84.4-87.0 ms, CCE 66.3 ms, 1.35x; ``"auto"``
-77.3 ms at 1.040x.  Compiled kernels match ``xla_naive`` to ~1e-6 (fp32) with
-identical samples.
+Measured on one H100 in one run (2026-11-27; jax 0.11.2, Triton 3.6; bf16, mean-CE objective,
+fwd+bwd; ``experiments/results/fused_loss.md``):
+- N=8192 d=2048 V=128256:
+  - default: 33.5 ms vs 44.4 ms xla_naive (0.75x), extra memory 1.21x the gradients;
+  - ``bwd_rows="auto"``: 39.4 ms at 1.045x;
+  - references: exact CCE 74.5 ms, CCE's filtered default 48.4 ms, Liger 34.6 ms.
+- N=16384 d=1536 V=151936:
+  - default: 64.2 ms vs 84.7 ms, 1.35x;
+  - ``"auto"``: 78.9 ms at 1.040x, or 65.4 ms with ``grad_filter_eps=2**-12``;
+  - references: exact CCE 129 ms, filtered 67.5 ms.
+
+Compiled kernels match ``xla_naive`` to ~1e-6 (fp32) with identical samples.
 """
 
 from __future__ import annotations
@@ -96,8 +101,13 @@ BWD_BLOCKS = (128, 256, 64)
 # measured backward one (xla_naive: 56.4 ms, xla_chunked 55.8 ms).
 EXTRA_FWD_BLOCKS = (128, 128, 64)
 EXTRA_BWD_BLOCKS = (64, 128, 64)
-# Backward tiles when the rows (of a group) are too few to give (128, 256) tiles two waves.
+# Backward tiles when the rows (of a group) are too few to give (128, 256) tiles half a wave
+# (_SMALL_BWD_PROGRAMS).  Not sooner: on an H100 2048-row groups of both bench shapes run 128
+# programs of (128, 256) tiles per chunk step, and those beat 512 of (64, 128) in the
+# row-group backward: 28.0 vs 30.9 ms (N=8192 d=2048 V=128256), 56.3 vs 61.6 ms (N=16384
+# d=1536 V=151936; experiments/results/fused_loss.md, 2026-11-27 sweep).
 SMALL_BWD_BLOCKS = (64, 128, 64)
+_SMALL_BWD_PROGRAMS = 66
 
 
 def _defaults(opts: HeadOpts, plain, extra):
@@ -513,6 +523,16 @@ def default_chunk_v(num_rows: int, vocab: int) -> int:
     return xla.default_block_v(num_rows, vocab, max_elems=1 << 25, max_width=2048)
 
 
+def bwd_blocks(rows: int, chunk_v: int, vocab: int, filtered: bool = False) -> tuple[int, int, int]:
+    """Default CE dlogits tiles for ``rows`` (per group) and a ``chunk_v``-wide vocab chunk:
+    ``BWD_BLOCKS`` unless they give fewer than half a wave of programs (see ``SMALL_BWD_BLOCKS``).
+    With gradient filtering, fewer than two waves: finer tiles skip more of the update work
+    (experiments/results/grad_filter.md), and 2048-row groups with (64, 128) tiles are what the
+    H100 timed (16384x1536x151936: 65.4 ms fwd+bwd)."""
+    programs = pl.cdiv(rows, BWD_BLOCKS[0]) * pl.cdiv(min(chunk_v, vocab), BWD_BLOCKS[1])
+    return SMALL_BWD_BLOCKS if programs < (_TARGET_PROGRAMS if filtered else _SMALL_BWD_PROGRAMS) else BWD_BLOCKS
+
+
 def backward(
     h, w, hr, wr, rg: RowGrad, opts: HeadOpts, *,
     block_n=None, block_v=None, block_d=None, chunk_v=None, bwd_rows=None, gemm=None, gemm_config=None,
@@ -539,10 +559,8 @@ def backward(
         raise ValueError(f"gemm must be 'xla' or 'pallas', got {gemm!r}")
     if chunk_v is None:  # chosen for all N rows: a row group's [rows, chunk] dlogits stay as small
         chunk_v = default_chunk_v(n, vocab)
-    defaults = BWD_BLOCKS
-    if block_n is None and block_v is None and pl.cdiv(rows, BWD_BLOCKS[0]) * pl.cdiv(
-            min(chunk_v, vocab), BWD_BLOCKS[1]) < _TARGET_PROGRAMS:
-        defaults = SMALL_BWD_BLOCKS  # few rows (per group): more, smaller tiles keep the SMs busy
+    defaults = (BWD_BLOCKS if block_n is not None or block_v is not None
+                else bwd_blocks(rows, chunk_v, vocab, filtered=grad_filter_eps is not None))
     bn, bv, bk, num_stages = _tiles(h, w, hr, opts, (defaults, EXTRA_BWD_BLOCKS), block_n, block_v,
                                     block_d, num_stages)
     nb = pl.cdiv(rows, bn)

@@ -441,9 +441,9 @@ def default_bwd_rows(num_rows: int, hidden: int, vocab: int, itemsize: int) -> i
 
     3.5% leaves room for one ``[R, 2048]`` bf16 dlogits chunk under the 5% of issue
     #7's memory target; both bench shapes get 2048 rows.  Fewer rows cost time:
-    on an H100 (N=8192, d=2048, V=128256, pallas_gpu fwd+bwd) 1024 rows took
-    47.7 ms (1.02x the gradients in all), 2048 rows 39.4 ms (1.045x), one group
-    33.3 ms (1.21x)."""
+    on an H100 (N=8192, d=2048, V=128256, pallas_gpu fwd+bwd, 2026-11-27) 1024
+    rows took 47.1 ms (1.02x the gradients in all), 2048 rows 39.4 ms (1.045x),
+    one group 33.5 ms (1.21x)."""
     budget = 0.035 * itemsize * (num_rows + vocab) * hidden
     if itemsize >= 4 or 4 * num_rows * hidden <= budget:
         return num_rows
