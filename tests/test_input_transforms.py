@@ -32,7 +32,7 @@ def _batch(bank) -> Batch:
 
 def _ctx(name, cfg, step=0, total=100, curriculum=None):
     return TransformContext(step=jnp.asarray(step), total_steps=total, curriculum=curriculum,
-                            config=cfg, mask_id=TOK.mask_id, pad_id=TOK.pad_id)
+                            config=cfg, mask_id=TOK.mask_id, pad_id=TOK.pad_id, bos_id=TOK.bos_id)
 
 
 # ---------------------------------------------------------------- Masked Thought
@@ -280,17 +280,20 @@ def test_ul2_rows_decode_back_to_the_original(bank, denoiser):
     assert model_vocab_rows == out.tokens.shape[1]
 
 
-def test_ul2_s_denoiser_prefix_lm_loss_region():
-    # seq = [bos] 10..17 eos ; region "all" -> prefix [bos], then [S2S], doc, eos
+@pytest.mark.parametrize("bos", [True, False])
+def test_ul2_s_denoiser_prefix_lm_loss_region(bos):
+    # seq = [bos] 10..17 eos ; region "all" -> prefix [bos], then [S2S], doc, eos.  Without a BOS
+    # (Qwen2-style rows) the prefix is empty: 10 is a document token like the others.
     t = 16
+    head = [TOK.bos_id] if bos else []
     seq = np.full(t + 1, TOK.pad_id, np.int32)
-    seq[:10] = [TOK.bos_id] + list(range(10, 18)) + [TOK.eos_id]
+    seq[:len(head) + 9] = head + list(range(10, 18)) + [TOK.eos_id]
     tokens, targets = seq[:-1][None], seq[1:][None]
     loss_mask = np.zeros((1, t), bool)
-    loss_mask[0, :9] = True
+    loss_mask[0, :len(head) + 8] = True
     zeros = jnp.zeros((1,), jnp.int32)
     batch = Batch(tokens=jnp.asarray(tokens), targets=jnp.asarray(targets), loss_mask=jnp.asarray(loss_mask),
-                  reasoning_mask=jnp.zeros((1, t), bool), prompt_len=zeros + 1, category=zeros,
+                  reasoning_mask=jnp.zeros((1, t), bool), prompt_len=zeros + len(head), category=zeros,
                   difficulty=zeros, example_id=zeros)
     cfg = ul2_lib.default_config()
     cfg.update(denoisers=("S",), weights=(1.0,), region="all")
@@ -298,7 +301,7 @@ def test_ul2_s_denoiser_prefix_lm_loss_region():
     apply = jax.jit(lambda b, r: transforms.get("ul2").apply(b, r, _ctx("ul2", cfg)))
     for seed in range(40):
         out = apply(batch, jax.random.PRNGKey(seed))
-        np.testing.assert_array_equal(out.tokens[0, :11], [TOK.bos_id, 262] + list(range(10, 18)) + [TOK.eos_id])
+        np.testing.assert_array_equal(out.tokens[0, :len(head) + 10], head + [262] + list(range(10, 18)) + [TOK.eos_id])
         tgt = np.asarray(out.targets[0])[np.asarray(out.loss_mask[0])]
         m = len(tgt) - 1  # pivot (targets = doc[8-m:] + eos)
         np.testing.assert_array_equal(tgt, list(range(18 - m, 18)) + [TOK.eos_id])

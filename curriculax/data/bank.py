@@ -81,6 +81,7 @@ class BankInfo:
     num_dropped: int
     pad_id: int
     mask_id: int | None = None  # the tokenizer's mask token, for input-masking transforms
+    bos_id: int | None = None  # the tokenizer's BOS (rows may or may not start with it)
 
 
 @dataclasses.dataclass
@@ -154,7 +155,7 @@ class ExampleBank:
         info = BankInfo(seq_len=seq_len, category_names=cats, difficulty_min=int(diffs.min()),
                         difficulty_max=int(diffs.max()), num_truncated=truncated,
                         num_dropped=dropped, pad_id=int(tokenizer.pad_id),
-                        mask_id=getattr(tokenizer, "mask_id", None))
+                        mask_id=getattr(tokenizer, "mask_id", None), bos_id=getattr(tokenizer, "bos_id", None))
         return cls(Bank(**arrays, info=info), ids, answers, kept)
 
     def prompts(self, indices: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:

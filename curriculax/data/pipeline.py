@@ -62,7 +62,8 @@ def pool_dataset(records: Sequence[dict], tokenizer, *, seq_len: int, pool_size:
     difficulties = [int(r["difficulty"]) for r in records]
     info = BankInfo(seq_len=seq_len, category_names=cats, difficulty_min=min(difficulties),
                     difficulty_max=max(difficulties), num_truncated=-1, num_dropped=-1,
-                    pad_id=int(tokenizer.pad_id), mask_id=getattr(tokenizer, "mask_id", None))
+                    pad_id=int(tokenizer.pad_id), mask_id=getattr(tokenizer, "mask_id", None),
+                    bos_id=getattr(tokenizer, "bos_id", None))
     return pools, info
 
 

@@ -13,7 +13,8 @@ rewritten (in the step, fixed shapes) from ``prefix + doc + eos`` to::
 
 with the loss only on the part after the input (``<s0> span0 ... eos``, resp. ``doc[n-m:] eos``):
 the prefix-LM loss region. ``prefix`` is ``[bos] prompt`` (``region="response"``: the
-response is the document, the prompt stays clean context) or ``[bos]`` (``region="all"``).
+response is the document, the prompt stays clean context) or, with ``region="all"``, ``[bos]``
+when the row starts with the tokenizer's BOS and nothing otherwise.
 Span corruption (T5): ``num_noise = clip(round(n r), 1, n-1)``, ``num_spans =
 max(1, round(num_noise / mu))``; noise and non-noise lengths are uniform random compositions and
 the spans alternate starting with non-noise, so the doc always ends in a noise span.
@@ -201,7 +202,11 @@ def ul2_transform(batch, rng, ctx):
     seq = jnp.concatenate([batch.tokens, jnp.zeros((b, 1), batch.tokens.dtype)], axis=1)
     last_target = jnp.take_along_axis(batch.targets, length[:, None] - 1, 1)[:, 0]  # the eos
     seq = jax.vmap(lambda s, n, y: s.at[n].set(y))(seq, length, last_target)
-    prefix = batch.prompt_len if region == "response" else jnp.ones((b,), jnp.int32)
+    if region == "response":
+        prefix = batch.prompt_len
+    else:  # only a BOS stays clean context: Qwen2-style tokenizers start rows with a document token
+        has_bos = jnp.zeros((b,), bool) if ctx.bos_id is None else batch.tokens[:, 0] == ctx.bos_id
+        prefix = has_bos.astype(jnp.int32)
     prefix = jnp.minimum(prefix, length)
     r_choice, r_apply, r_rows = jax.random.split(rng, 3)
     idx = jax.random.categorical(r_choice, jnp.log(weights / weights.sum()), shape=(b,))

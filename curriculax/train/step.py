@@ -159,7 +159,7 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
             ctx = transforms.TransformContext(
                 step=state.step, total_steps=config.steps, curriculum=state.curriculum,
                 config=config.transform_config.get(name), mask_id=bank.info.mask_id,
-                pad_id=bank.info.pad_id)
+                pad_id=bank.info.pad_id, bos_id=bank.info.bos_id)
             batch = transform.apply(batch, jax.random.fold_in(rng, i), ctx)
         return batch
 
@@ -182,7 +182,7 @@ def make_train_step(*, graphdef, curriculum, objective, optimizer, lr_schedule, 
             model_ctx = transforms.TransformContext(
                 step=state.step, total_steps=config.steps, curriculum=state.curriculum,
                 config=config.transform_config.get(embed_hooks[0][0]),
-                mask_id=bank.info.mask_id, pad_id=bank.info.pad_id, mesh=mesh, rules=rules,
+                mask_id=bank.info.mask_id, pad_id=bank.info.pad_id, bos_id=bank.info.bos_id, mesh=mesh, rules=rules,
                 shard_map=sharded["shard_map"])
         (loss, (ex_loss, ex_acc)), grads = gradients(state, batch, weights, loss_rng, model_ctx)
         probed = probe(state, probe_rng, bank, meta)

@@ -25,6 +25,7 @@ class TransformContext:
     config: Any = struct.field(pytree_node=False, default=None)
     mask_id: int | None = struct.field(pytree_node=False, default=None)
     pad_id: int = struct.field(pytree_node=False, default=0)
+    bos_id: int | None = struct.field(pytree_node=False, default=None)
     # [B] int32: the examples' positions in the step's full batch (a gradient-accumulation
     # micro-batch holds a strided subset); None: arange(B). Randomness drawn per row from them
     # (row_uniform, sample_rows) is the same whatever grad_accum.
